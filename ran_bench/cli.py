@@ -1,0 +1,56 @@
+"""The `ran-bench` command line.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and
+`main(args) -> int`. Only the chosen subcommand's module is imported, so `ran-bench --help`
+and light commands stay fast and do not pay for DALI or Accelerate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("ran_bench.profile", "parameters and multiply-adds of every model, beside the paper's"),
+    "data": ("ran_bench.data.cli", "prepare, verify and generate ImageNet-layout datasets"),
+    "train": ("ran_bench.train", "train a model from a YAML config (single process, accelerate or torchrun)"),
+    "eval": ("ran_bench.evaluate", "single-crop top-1/top-5 error of a run or checkpoint"),
+    "report": ("ran_bench.report", "markdown report of runs beside the paper's tables"),
+    "visualize": ("ran_bench.visualize", "soft attention masks of each stage over an image"),
+    "submit": ("ran_bench.submit", "submit a training run to SLURM with submitit"),
+    "bench": ("ran_bench.bench", "throughput, MFU, scaling and overhead benchmarks"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ran_bench import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ran-bench",
+        description="Residual Attention Network reproduction and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"ran-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        # Top-level help, --version, or an unknown command: argparse prints the right message.
+        _parser().parse_args(argv)
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"ran-bench {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

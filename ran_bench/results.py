@@ -1,0 +1,155 @@
+"""`results.json`: the record a finished (or partial) run leaves in its run directory.
+
+The trainer writes it, `ran-bench eval` updates its evaluations, `ran-bench report` reads it.
+One dataclass is the schema for all three, so a field cannot drift between writer and reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+class ResultsError(ValueError):
+    """A results.json that is missing, not JSON, or does not match the schema."""
+
+
+@dataclass
+class Evaluation:
+    """Single centre-crop error at one test size, over `num_samples` distinct validation images."""
+
+    size: int
+    top1_err: float  # percent
+    top5_err: float  # percent
+    num_samples: int
+    step: int  # training step of the weights evaluated
+
+
+@dataclass
+class Results:
+    model: str
+    dataset: str  # data set name, e.g. "imagenet", "demo", "cifar10"
+    data_root: str
+    num_classes: int
+    params: int
+    macs: int  # multiply-adds of one forward pass at `macs_input_size`
+    macs_input_size: int
+    train_size: int
+    evaluations: list[Evaluation]
+    steps: int  # optimizer steps done
+    total_steps: int  # optimizer steps of the configured schedule
+    images_seen: int
+    epochs: float
+    global_batch_size: int
+    world_size: int
+    device_type: str  # "cpu" or "cuda"
+    device_name: str
+    precision: str  # "fp32", "bf16" or "fp16"
+    wall_time_s: float
+    gpu_hours: float  # world_size x wall time on CUDA, 0 on CPU
+    git_commit: str
+    label_noise: float = 0.0
+    train_images_per_s: float | None = None
+    infer_images_per_s: float | None = None
+    skipped_images: int = 0  # unreadable files replaced during training
+    ran_bench_version: str = ""
+    created: str = ""  # ISO 8601
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """True when the run stopped before the end of its schedule."""
+        return self.steps < self.total_steps
+
+    def evaluation(self, size: int) -> Evaluation | None:
+        return next((e for e in self.evaluations if e.size == size), None)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
+        write_json_atomic(Path(path), self.to_dict())
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_results(path: str | os.PathLike) -> Results:
+    """Read and validate a results.json (or a run directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise ResultsError(f"{path}: no results.json (has the run finished or been evaluated?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return _from_dict(Results, data, str(path))
+
+
+def _from_dict(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ResultsError(f"{where}: unknown keys {unknown}; valid keys: {sorted(fields)}")
+    missing = sorted(
+        n for n, f in fields.items()
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ResultsError(f"{where}: missing keys {missing}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _check(fields[name].type, value, f"{where}: {name}")
+    if cls is Results:
+        kwargs["evaluations"] = [
+            _from_dict(Evaluation, e, f"{where}: evaluations[{i}]") if isinstance(e, dict)
+            else _fail(f"{where}: evaluations[{i}] must be an object")
+            for i, e in enumerate(kwargs["evaluations"])
+        ]
+    return cls(**kwargs)
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "dict": dict, "bool": bool}
+
+
+def _check(type_name: str, value, where: str):
+    optional = type_name.endswith("| None")
+    base = type_name.replace("| None", "").strip()
+    if value is None and optional:
+        return value
+    if base.startswith("list"):
+        if not isinstance(value, list):
+            _fail(f"{where} must be a list, got {value!r}")
+        return value
+    expected = _TYPES[base]
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
+        _fail(f"{where} must be {base}, got {value!r}")
+    return value
+
+
+def _fail(message: str):
+    raise ResultsError(message)
