@@ -1,0 +1,126 @@
+"""ImageNet-layout data: file lists, loaders (DALI, torchvision, synthetic) and label noise.
+
+`build_loader` is the one entry point of the trainer, the evaluator, the benchmarks and the
+tests. Every backend shards the same way (`ran_bench.data.sampling`) and yields
+`(images, labels)` batches already on `device`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+
+import torch
+
+from ran_bench.data.folder import (IMG_EXTENSIONS, MEAN_255, STD_255, DatasetLayoutError, find_classes,
+                                   list_samples)
+from ran_bench.data.sampling import check_shard_args
+
+__all__ = ["build_loader", "list_samples", "find_classes", "corrupt_labels", "dali_available",
+           "default_num_threads", "DatasetLayoutError", "IMG_EXTENSIONS", "MEAN_255", "STD_255",
+           "BACKENDS", "IMAGENET_TRAIN_SIZE", "IMAGENET_VAL_SIZE"]
+
+log = logging.getLogger("ran_bench.data")
+
+BACKENDS = ("dali", "torchvision", "synthetic")
+IMAGENET_TRAIN_SIZE = 1_281_167
+IMAGENET_VAL_SIZE = 50_000
+
+
+@functools.cache
+def dali_available() -> bool:
+    """True when NVIDIA DALI can be imported; the torchvision backend replaces it otherwise."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install counts as absent, with the reason logged
+        log.warning("NVIDIA DALI is not usable (%s: %s); using the torchvision data loader instead "
+                    "(pip install ran-bench[dali] for the faster pipeline)", type(e).__name__, e)
+        return False
+    return True
+
+
+def default_num_threads() -> int:
+    """CPU cores of this machine shared by the processes on it, at most 8 per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, cores // max(1, local)))
+
+
+def corrupt_labels(labels: list[int], fraction: float, num_classes: int, seed: int) -> list[int]:
+    """A copy of `labels` with exactly round(fraction * N) entries, chosen with `seed`, each
+    changed uniformly at random to a *different* class (the paper's label-noise study)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise fraction must be in [0, 1], got {fraction}")
+    if num_classes < 2 and fraction > 0:
+        raise ValueError("label noise needs at least 2 classes")
+    rng = random.Random(seed)
+    out = list(labels)
+    for i in rng.sample(range(len(out)), round(fraction * len(out))):
+        new = rng.randrange(num_classes - 1)
+        out[i] = new + (new >= out[i])  # skip the true class: uniform over the other classes
+    return out
+
+
+def build_loader(root, split: str, *, size: int, batch_size: int, backend: str = "dali", rank: int = 0,
+                 world_size: int = 1, num_threads: int | None = None, seed: int = 0,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, device="cpu",
+                 labels: list[int] | None = None, num_classes: int | None = None):
+    """A loader of `ROOT/<split>` for one rank: iterate for `(images, labels)` batches on `device`.
+
+    split "train": shuffled per epoch (`loader.set_epoch`) with `seed`, random-resized crop +
+    flip, the ragged tail dropped so all ranks run `len(loader)` batches. Other splits: resize +
+    centre crop, no shuffle, every image exactly once across ranks, last batch possibly smaller.
+    `labels` overrides the folder labels (index = position in `list_samples(root, split)[0]`).
+    `num_threads` is decoding threads (DALI) or worker processes (torchvision; 0 = in-process).
+    backend "dali" falls back to torchvision when DALI is not importable; "synthetic" makes
+    random tensors (root may be None: then ImageNet-1K's sample counts, and `num_classes` is needed).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_shard_args(rank, world_size, batch_size)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    num_threads = default_num_threads() if num_threads is None else num_threads
+    common = dict(split=split, size=size, batch_size=batch_size, rank=rank, world_size=world_size,
+                  seed=seed, channels_last=channels_last, dtype=dtype, device=torch.device(device))
+
+    if backend == "synthetic":
+        from ran_bench.data.sampling import train_indices, val_range
+        from ran_bench.data.synthetic import SyntheticLoader
+
+        if root is not None:
+            files, _, classes = list_samples(root, split)
+            n, num_classes = len(files), num_classes or len(classes)
+        else:
+            n = IMAGENET_TRAIN_SIZE if split == "train" else IMAGENET_VAL_SIZE
+        if not num_classes:
+            raise ValueError("the synthetic backend without a data root needs num_classes")
+        if split == "train":
+            per_rank = (n // world_size) // batch_size * batch_size
+        else:
+            per_rank = len(val_range(n, rank=rank, world_size=world_size))
+        return SyntheticLoader(num_samples=per_rank, num_classes=num_classes, **common)
+
+    if root is None:
+        raise ValueError(f"the {backend} backend needs a data root (ROOT/{split}/<wnid>/*.JPEG)")
+    files, folder_labels, classes = list_samples(root, split)
+    if labels is not None:
+        if len(labels) != len(files):
+            raise ValueError(f"labels has {len(labels)} entries but {root}/{split} has {len(files)} images")
+        bad = [x for x in labels if not 0 <= int(x) < len(classes)]
+        if bad:
+            raise ValueError(f"labels contains class indices outside 0..{len(classes) - 1}: {bad[:5]}")
+        folder_labels = [int(x) for x in labels]
+    if backend == "dali" and dali_available():
+        from ran_bench.data.dali import DaliLoader
+
+        return DaliLoader(files, folder_labels, num_threads=max(1, num_threads), **common)
+    from ran_bench.data.torchvision_loader import TorchvisionLoader
+
+    return TorchvisionLoader(files, folder_labels, num_threads=num_threads, **common)

@@ -1,0 +1,111 @@
+"""Which sample indices a rank reads, shared by every backend so they shard identically.
+
+Train: torch's `DistributedSampler` order (a permutation seeded with `seed + epoch`, split
+round-robin over ranks after dropping the tail that does not divide evenly), cut to whole
+batches so every rank runs the same number of steps. Validation: a contiguous, unpadded slice
+per rank, `[n*rank//world, n*(rank+1)//world)`, the rule DALI's readers use for `shard_id`, so
+every image is read exactly once and rank sizes differ by at most one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+from torch.utils.data.distributed import DistributedSampler
+
+log = logging.getLogger("ran_bench.data")
+
+
+def train_indices(n: int, *, rank: int, world_size: int, seed: int, epoch: int, batch_size: int) -> list[int]:
+    """This rank's sample indices for one training epoch, a whole number of batches long."""
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return indices[: len(indices) // batch_size * batch_size]
+
+
+def train_batches(n: int, *, world_size: int, batch_size: int) -> int:
+    return (n // world_size) // batch_size
+
+
+def val_range(n: int, *, rank: int, world_size: int) -> range:
+    """This rank's contiguous, unpadded share of `n` evaluation samples."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def check_shard_args(rank: int, world_size: int, batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+class LoaderBase:
+    """The loader contract shared by the backends: epochs, batches per rank, resumable position.
+
+    `state_dict()` is the epoch and the number of batches handed out so far in it;
+    `load_state_dict(state)` makes the next `iter()` start at the following batch. A pending
+    resume survives `set_epoch` with the same epoch and is dropped by a different one; a full
+    pass always starts at batch 0, so a validation loader can be iterated again and again.
+    """
+
+    backend = ""
+
+    def __init__(self, *, split: str, num_samples: int, batch_size: int, rank: int, world_size: int,
+                 seed: int):
+        self.split = split
+        self.train = split == "train"
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.bad_files: list[str] = []
+        self._start = 0  # batch to start at in the next iteration (set by load_state_dict)
+        self._consumed = 0  # batches handed out in the current iteration
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+            self._consumed = 0
+        self.epoch = epoch
+
+    def _begin(self) -> int:
+        start, self._start = self._start, 0
+        self._consumed = start
+        return start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "split": self.split, "epoch": self.epoch,
+                "batches": self._consumed, "batch_size": self.batch_size,
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
+                "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("split", "batch_size", "world_size", "seed", "num_samples"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={getattr(self, key)!r}; resume with the same data, batch size and "
+                    f"world size, or start a fresh epoch without load_state_dict")
+        if not 0 <= int(state["batches"]) <= len(self):
+            raise ValueError(f"loader state position {state['batches']} is outside 0..{len(self)}")
+        if state.get("backend", self.backend) != self.backend:
+            log.warning("resuming a %s loader state with the %s backend: the next sample is the same, "
+                        "the augmentation randomness is not", state.get("backend"), self.backend)
+        self.epoch = int(state["epoch"])
+        self._start = int(state["batches"])
+        self._consumed = self._start
+
+    def _note_bad(self, path: str, error: str) -> None:
+        if path not in self.bad_files:
+            self.bad_files.append(path)
+            log.warning("unreadable image replaced by a flat mean-colour image: %s (%s)", path, error)

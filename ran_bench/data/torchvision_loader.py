@@ -1,0 +1,167 @@
+"""The torchvision backend: PIL decoding in DataLoader worker processes.
+
+Same semantics as the DALI pipeline (see `ran_bench.data.dali`): train = random-resized crop
+(area 0.08-1, aspect ratio 3/4-4/3) resized to `size` + random horizontal flip; val = resize
+the shorter side to `size / 0.875` + centre crop; ImageNet mean/std normalisation. Workers
+return uint8 images; conversion, normalisation, dtype and memory format happen on `device`
+(4x less to copy and the GPU does the arithmetic).
+
+Augmentation randomness is a function of (seed, epoch, sample index), not of worker timing, so
+a resumed epoch sees the same crops as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as F
+
+from ran_bench.data.folder import MEAN_255, STD_255
+from ran_bench.data.sampling import LoaderBase, train_indices, val_range
+
+log = logging.getLogger("ran_bench.data")
+
+SCALE = (0.08, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_FRACTION = 0.875
+
+
+def val_resize_size(size: int) -> int:
+    """Shorter side before the centre crop: size / 0.875 (256 for 224)."""
+    return int(size / CROP_FRACTION + 0.5)
+
+
+def val_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of the evaluation transform, with
+    DALI's rounding (`resize_shorter`, then a centred crop), so both backends crop the same pixels."""
+    short = val_resize_size(size)
+    if height <= width:
+        rh, rw = short, max(1, int(width * short / height + 0.5))
+    else:
+        rh, rw = max(1, int(height * short / width + 0.5)), short
+    return rh, rw, int((rh - size) * 0.5 + 0.5), int((rw - size) * 0.5 + 0.5)
+
+
+def _aug_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
+
+
+class ImageFiles(Dataset):
+    """Decodes `files[i]` to a 3-channel uint8 CHW tensor with the train or val transform.
+
+    Keys are `(index, aug_seed)`. Returns `(image, label, index, ok)`; an unreadable file gives a
+    flat mean-colour image (zero after normalisation) with its label and `ok=False`, so one bad
+    file costs one meaningless sample instead of the run.
+    """
+
+    def __init__(self, files: list[str], labels: list[int], size: int, train: bool):
+        self.files = files
+        self.labels = labels
+        self.size = size
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _transform(self, img: Image.Image, aug_seed: int) -> torch.Tensor:
+        size = self.size
+        if self.train:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                top, left, h, w = RandomResizedCrop.get_params(img, SCALE, RATIO)
+                flip = bool(torch.rand(1) < 0.5)
+            img = F.resized_crop(img, top, left, h, w, [size, size],
+                                 interpolation=F.InterpolationMode.BILINEAR)
+            if flip:
+                img = F.hflip(img)
+        else:
+            rh, rw, top, left = val_geometry(img.height, img.width, size)
+            img = F.resize(img, [rh, rw], interpolation=F.InterpolationMode.BILINEAR)
+            img = F.crop(img, top, left, size, size)
+        return F.pil_to_tensor(img)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, aug_seed = key
+        try:
+            with Image.open(self.files[index]) as im:
+                img = im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+            out = self._transform(img, aug_seed)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - any undecodable file is replaced, never fatal
+            log.debug("cannot decode %s: %s", self.files[index], e)
+            out = torch.tensor([round(m) for m in MEAN_255], dtype=torch.uint8).view(3, 1, 1)
+            out = out.expand(3, self.size, self.size).contiguous()
+            ok = False
+        return out, self.labels[index], index, ok
+
+
+class _KeySampler(Sampler):
+    """Yields `(index, aug_seed)` for the loader's current epoch, from its start position."""
+
+    def __init__(self, loader: "TorchvisionLoader"):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader._epoch_indices()) - self.loader._start_sample
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        ld = self.loader
+        for i in ld._epoch_indices()[ld._start_sample:]:
+            yield i, _aug_seed(ld.seed, ld.epoch, i)
+
+
+class TorchvisionLoader(LoaderBase):
+    """`build_loader(..., backend="torchvision")`; see `ran_bench.data.build_loader`."""
+
+    backend = "torchvision"
+
+    def __init__(self, files: list[str], labels: list[int], *, split: str, size: int, batch_size: int,
+                 rank: int, world_size: int, num_threads: int, seed: int, channels_last: bool,
+                 dtype: torch.dtype, device: torch.device):
+        n = len(files)
+        self._n = n
+        if split == "train":
+            num_samples = len(train_indices(n, rank=rank, world_size=world_size, seed=seed, epoch=0,
+                                            batch_size=batch_size))
+        else:
+            num_samples = len(val_range(n, rank=rank, world_size=world_size))
+        super().__init__(split=split, num_samples=num_samples, batch_size=batch_size, rank=rank,
+                         world_size=world_size, seed=seed)
+        self.files = files
+        self.size = size
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._start_sample = 0
+        self._mean = torch.tensor(MEAN_255, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(STD_255, device=self.device).view(1, 3, 1, 1)
+        self._loader = DataLoader(
+            ImageFiles(files, labels, size, self.train), batch_size=batch_size,
+            sampler=_KeySampler(self), num_workers=num_threads, drop_last=self.train,
+            pin_memory=self.device.type == "cuda", persistent_workers=num_threads > 0,
+            prefetch_factor=4 if num_threads > 0 else None)
+
+    def _epoch_indices(self) -> list[int] | range:
+        if self.train:
+            return train_indices(self._n, rank=self.rank, world_size=self.world_size, seed=self.seed,
+                                 epoch=self.epoch, batch_size=self.batch_size)
+        return val_range(self._n, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start = self._begin()
+        self._start_sample = start * self.batch_size
+        for images, labels, index, ok in self._loader:
+            if not bool(ok.all()):
+                for i in index[~ok].tolist():
+                    self._note_bad(self.files[i], "PIL could not decode it")
+            images = images.to(self.device, non_blocking=True).float().sub_(self._mean).div_(self._std)
+            images = images.to(self.dtype)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            self._consumed += 1
+            yield images, labels.to(self.device, non_blocking=True)
