@@ -1,0 +1,293 @@
+"""`ran-bench report`: the paper's tables beside fixture runs, as well-formed markdown with plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ran_bench import report
+from ran_bench.results import Evaluation, Results, ResultsError
+
+
+def make_run(root: Path, name: str, *, config: dict | None = None, metrics: list[dict] | None = None,
+             evaluations: list[tuple[int, float, float]] = (), **fields) -> Path:
+    """A run directory as `ran-bench train` leaves it: results.json, config.yaml, metrics.jsonl."""
+    run = root / name
+    values = dict(
+        model="attention56", dataset="imagenet", data_root="/data/imagenet", num_classes=1000,
+        params=31_810_728, macs=6_271_000_000, macs_input_size=224, train_size=224,
+        evaluations=[Evaluation(size=s, top1_err=t1, top5_err=t5, num_samples=50_000, step=0)
+                     for s, t1, t5 in evaluations],
+        steps=530_000, total_steps=530_000, images_seen=530_000 * 256, epochs=105.9,
+        global_batch_size=256, world_size=8, device_type="cuda", device_name="NVIDIA H100",
+        precision="bf16", wall_time_s=3600.0 * 20, gpu_hours=160.0, git_commit="0123456789abcdef",
+    )
+    values.update(fields)
+    Results(**values).save(run / "results.json")
+    cfg = config if config is not None else {"model": {"name": values["model"]}, "data": {"label_noise": 0.0}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if metrics is not None:
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run
+
+
+def training_log(steps: int, eval_size: int) -> list[dict]:
+    lines = [{"kind": "train", "step": s, "epoch": s / 100, "loss": 7.0 - s / steps, "lr": 0.1,
+              "images_per_s": 900.0, "data_wait_s": 0.01, "time": float(s)} for s in range(10, steps + 1, 10)]
+    lines += [{"kind": "eval", "step": s, "size": eval_size, "top1_err": 90.0 - s / 10, "top5_err": 70.0 - s / 10,
+               "num_samples": 50_000} for s in (steps // 2, steps)]
+    return lines
+
+
+def parse_tables(markdown: str) -> list[dict]:
+    """Every markdown table: header cells, rows of cells; asserts the structure is well formed."""
+    tables, block = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            cells = [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in block]
+            assert len(block) >= 3, f"table without rows: {block}"
+            assert re.fullmatch(r"\|(\s*:?-{3,}:?\s*\|)+", block[1]), f"bad separator row: {block[1]}"
+            header, rows = cells[0], cells[2:]
+            assert len(cells[1]) == len(header), f"separator has {len(cells[1])} cells for {len(header)} columns"
+            for row in rows:
+                assert len(row) == len(header), f"row {row} has {len(row)} cells for header {header}"
+            tables.append({"header": header, "rows": [dict(zip(header, r)) for r in rows]})
+            block = []
+    return tables
+
+
+def table_with(tables: list[dict], *columns: str) -> dict:
+    matching = [t for t in tables if set(columns) <= set(t["header"])]
+    assert len(matching) == 1, f"expected one table with columns {columns}, found {len(matching)}"
+    return matching[0]
+
+
+@pytest.fixture(scope="module")
+def imagenet_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root, "ran56", evaluations=[(224, 22.5, 6.4)], train_images_per_s=2400.0,
+             infer_images_per_s=7300.0, metrics=training_log(100, 224))
+    make_run(root, "ran92_partial", model="attention92", params=52_466_344, macs=10_534_000_000,
+             steps=100_000, images_seen=100_000 * 256, world_size=4, gpu_hours=40.0,
+             evaluations=[(224, 25.0, 8.0), (320, 23.1, 6.9)], metrics=training_log(50, 320))
+    out = root / "out" / "imagenet.md"
+    assert report.main(argparse.Namespace(run_dirs=[root / "ran56", root / "ran92_partial"], output=out)) == 0
+    return out, out.read_text()
+
+
+def test_table7_rows_hold_paper_measured_and_differences(imagenet_report):
+    _, text = imagenet_report
+    table = table_with(parse_tables(text), "top-1 err % (paper)")
+    rows = {r["Network"]: r for r in table["rows"]}
+    # Every Table 7 network, in the paper's order, once (each fixture model has one run).
+    assert [r["Network"] for r in table["rows"]] == [
+        "ResNet-152", "Attention-56", "ResNeXt-101 (32x4d)", "AttentionNeXt-56", "Inception-ResNet-v1",
+        "AttentionInception-56", "ResNet-200 (pre-activation)", "Inception-ResNet-v2", "Attention-92"]
+
+    a56 = rows["Attention-56"]
+    assert (a56["params M (paper)"], a56["params M (measured)"], a56["Δ params M"]) == ("31.9", "31.81", "-0.09")
+    assert (a56["MACs G (paper)"], a56["MACs G (measured)"], a56["Δ MACs G"]) == ("6.3", "6.27", "-0.03")
+    assert (a56["test size"], a56["top-1 err % (paper)"], a56["top-1 err % (measured)"], a56["Δ top-1"]) == \
+        ("224", "21.76", "22.50", "+0.74")
+    assert (a56["top-5 err % (paper)"], a56["top-5 err % (measured)"], a56["Δ top-5"]) == ("5.9", "6.40", "+0.50")
+    assert a56["run"] == "ran56"
+
+    # Attention-92 is tested at 320 in the paper: the 320 evaluation is used, not the 224 one.
+    a92 = rows["Attention-92"]
+    assert (a92["test size"], a92["top-1 err % (paper)"], a92["top-1 err % (measured)"], a92["Δ top-1"]) == \
+        ("320", "19.5", "23.10", "+3.60")
+    assert (a92["top-5 err % (paper)"], a92["top-5 err % (measured)"], a92["Δ top-5"]) == ("4.8", "6.90", "+2.10")
+    assert (a92["params M (measured)"], a92["Δ params M"]) == ("52.47", "+1.17")
+    assert a92["run"] == "ran92_partial (partial)"
+
+
+def test_rows_without_a_run_say_not_run_and_keep_the_paper_numbers(imagenet_report):
+    _, text = imagenet_report
+    rows = {r["Network"]: r for r in table_with(parse_tables(text), "top-1 err % (paper)")["rows"]}
+    r200 = rows["ResNet-200 (pre-activation)"]
+    assert (r200["params M (paper)"], r200["MACs G (paper)"], r200["test size"], r200["top-1 err % (paper)"],
+            r200["top-5 err % (paper)"]) == ("64.7", "15.0", "320", "20.1", "4.8")
+    for network in ("ResNet-152", "ResNet-200 (pre-activation)", "Inception-ResNet-v2"):
+        row = rows[network]
+        assert row["params M (measured)"] == row["top-1 err % (measured)"] == row["top-5 err % (measured)"] == "not run"
+        assert row["Δ top-1"] == row["Δ top-5"] == "—"
+    # The paper gives no params or FLOPs for Inception-ResNet-v2: shown as a dash, never filled in.
+    assert rows["Inception-ResNet-v2"]["params M (paper)"] == rows["Inception-ResNet-v2"]["MACs G (paper)"] == "—"
+
+
+def test_provenance_and_throughput(imagenet_report):
+    _, text = imagenet_report
+    tables = parse_tables(text)
+    prov = {r["run"]: r for r in table_with(tables, "of the paper's schedule")["rows"]}
+    assert prov["ran56"]["status"] == "complete"
+    assert prov["ran92_partial"]["status"] == "partial"
+    assert prov["ran92_partial"]["steps done / configured"] == "100,000 / 530,000 (18.9%)"
+    assert prov["ran92_partial"]["of the paper's schedule"].startswith("18.9% of 135,680,000 images")
+    assert prov["ran92_partial"]["world size x device"] == "4 x NVIDIA H100"
+    assert (prov["ran56"]["precision"], prov["ran56"]["GPU-hours"], prov["ran56"]["wall time"]) == \
+        ("bf16", "160.00", "20h00m")
+    assert prov["ran92_partial"]["evaluated (size: images)"] == "224: 50,000; 320: 50,000"
+    speed = table_with(tables, "train images/s")["rows"]
+    assert [r["run"] for r in speed] == ["ran56"]  # only the run that recorded throughput
+    assert (speed[0]["train images/s"], speed[0]["train images/s per device"], speed[0]["inference images/s"]) == \
+        ("2,400.0", "300.0", "7,300.0")
+
+
+def test_plots_are_linked_and_exist(imagenet_report):
+    out, text = imagenet_report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == ["imagenet_table7.png", "imagenet_training.png"]
+    for link in links:
+        png = out.parent / link
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    assert "Other runs" not in text and "Table 1" not in text  # no CIFAR or unmatched runs given
+
+
+def test_demo_run_goes_to_other_runs(tmp_path):
+    run = make_run(tmp_path, "demo", model="cifar_resnet164", dataset="demo", num_classes=10, params=1_700_000,
+                   macs=250_000_000, macs_input_size=64, train_size=64, steps=300, total_steps=300,
+                   images_seen=300 * 64, epochs=12.0, global_batch_size=64, world_size=2, device_type="cpu",
+                   device_name="cpu", precision="fp32", wall_time_s=125.0, gpu_hours=0.0,
+                   evaluations=[(64, 31.25, 3.5)], metrics=training_log(300, 64))
+    out = report.write_report([run], tmp_path / "reports" / "demo.md")
+    tables = parse_tables(out.read_text())
+    other = table_with(tables, "why not in a paper table")["rows"]
+    assert len(other) == 1
+    assert (other[0]["run"], other[0]["data set"], other[0]["test size"], other[0]["top-1 err %"],
+            other[0]["top-5 err %"], other[0]["status"]) == ("demo", "demo", "64", "31.25", "3.50", "complete")
+    table7 = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
+    assert all(r["run"] == "not run" for r in table7.values())
+    prov = table_with(tables, "of the paper's schedule")["rows"][0]
+    assert (prov["of the paper's schedule"], prov["GPU-hours"], prov["wall time"]) == ("—", "0 (cpu)", "2m05s")
+    assert (out.parent / "demo_training.png").is_file()
+
+
+def test_table7_model_on_other_data_is_not_compared_with_the_paper(tmp_path):
+    run = make_run(tmp_path, "a56demo", dataset="demo", num_classes=10, evaluations=[(224, 40.0, 10.0)])
+    tables = parse_tables(report.write_report([run], tmp_path / "r.md").read_text())
+    rows = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
+    assert rows["Attention-56"]["top-1 err % (measured)"] == "not run"
+    other = table_with(tables, "why not in a paper table")["rows"]
+    assert other[0]["why not in a paper table"] == "trained on demo, not ImageNet-1K"
+
+
+def test_run_not_evaluated_at_the_rows_test_size(tmp_path):
+    run = make_run(tmp_path, "ran92", model="attention92", evaluations=[(224, 21.0, 5.5)])
+    tables = parse_tables(report.write_report([run], tmp_path / "r.md").read_text())
+    row = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}["Attention-92"]
+    assert row["top-1 err % (measured)"] == "not evaluated at 320"
+    assert row["Δ top-1"] == "—"
+
+
+def test_cifar_runs_fill_their_ablation_rows(tmp_path):
+    cifar = dict(dataset="cifar10", num_classes=10, macs_input_size=32, train_size=32, steps=160_000,
+                 total_steps=160_000, images_seen=160_000 * 64, global_batch_size=64, world_size=1)
+    runs = [
+        make_run(tmp_path, "spatial", model="cifar_attention56", params=850_000, macs=10**8,
+                 config={"model": {"name": "cifar_attention56", "attention": "spatial"}},
+                 evaluations=[(32, 6.5, 0.3)], **cifar),
+        make_run(tmp_path, "nal92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
+                 config={"model": {"name": "cifar_attention92", "residual_attention": False}},
+                 evaluations=[(32, 5.0, 0.2)], **cifar),
+        make_run(tmp_path, "noisy92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
+                 label_noise=0.3, config={"model": {"name": "cifar_attention92"}, "data": {"label_noise": 0.3}},
+                 evaluations=[(32, 6.0, 0.4)], **cifar),
+        make_run(tmp_path, "arl92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
+                 evaluations=[(32, 5.2, 0.2)], **cifar),
+        make_run(tmp_path, "localconv", model="cifar_attention56", params=850_000, macs=10**8,
+                 config={"model": {"name": "cifar_attention56", "mask": "local_conv"}},
+                 evaluations=[(32, 7.0, 0.5)], **cifar),
+    ]
+    tables = parse_tables(report.write_report(runs, tmp_path / "cifar.md").read_text())
+
+    t1 = table_with(tables, "attention")["rows"]
+    by_type = {r["attention"]: r for r in t1}
+    assert (by_type["spatial"]["top-1 err % (paper)"], by_type["spatial"]["top-1 err % (measured)"],
+            by_type["spatial"]["Δ top-1"], by_type["spatial"]["run"]) == ("6.33", "6.50", "+0.17", "spatial")
+    assert by_type["mixed"]["top-1 err % (measured)"] == by_type["channel"]["top-1 err % (measured)"] == "not run"
+
+    t3 = {(r["network"], r["learning"]): r for r in table_with(tables, "learning")["rows"]}
+    assert len(t3) == 8
+    assert (t3["Attention-92", "NAL"]["top-1 err % (paper)"], t3["Attention-92", "NAL"]["top-1 err % (measured)"],
+            t3["Attention-92", "NAL"]["Δ top-1"]) == ("5.35", "5.00", "-0.35")
+    assert (t3["Attention-92", "ARL"]["top-1 err % (measured)"], t3["Attention-92", "ARL"]["run"]) == ("5.20", "arl92")
+    assert t3["Attention-164", "NAL"]["top-1 err % (measured)"] == "not run"
+
+    t5 = {(r["label noise"], r["network"]): r for r in table_with(tables, "label noise")["rows"]}
+    assert (t5["30%", "Attention-92"]["top-1 err % (paper)"], t5["30%", "Attention-92"]["top-1 err % (measured)"],
+            t5["30%", "Attention-92"]["Δ top-1"], t5["30%", "Attention-92"]["run"]) == ("5.79", "6.00", "+0.21", "noisy92")
+    assert t5["30%", "ResNet-164"]["top-1 err % (measured)"] == "not run"
+
+    t6 = {(r["network"], r["data set"]): r for r in table_with(tables, "network", "data set")["rows"]}
+    row = t6["Attention-92", "CIFAR-10"]
+    assert (row["params M (paper)"], row["params M (measured)"], row["Δ params M"], row["top-1 err % (paper)"],
+            row["top-1 err % (measured)"], row["run"]) == ("1.9", "1.95", "+0.05", "4.99", "5.20", "arl92")
+    assert t6["Attention-92", "CIFAR-100"]["top-1 err % (measured)"] == "not run"
+    assert t6["WRN-28-10", "CIFAR-10"]["run"] == "not run"
+
+    other = table_with(tables, "why not in a paper table")["rows"]
+    assert [(r["run"], r["options"]) for r in other] == [("localconv", "local_conv mask")]
+
+
+def test_missing_results_json_names_the_file(tmp_path, capsys):
+    run = make_run(tmp_path, "r", evaluations=[(224, 22.0, 6.0)])
+    (run / "results.json").unlink()
+    with pytest.raises(ResultsError, match=re.escape(str(run / "results.json"))):
+        report.write_report([run], tmp_path / "r.md")
+    assert report.main(argparse.Namespace(run_dirs=[run], output=tmp_path / "r.md")) == 2
+    err = capsys.readouterr().err
+    assert str(run / "results.json") in err and "no results.json" in err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_malformed_results_json_names_the_file(tmp_path, capsys):
+    good = make_run(tmp_path, "good", evaluations=[(224, 22.0, 6.0)])
+    bad = make_run(tmp_path, "bad", evaluations=[(224, 22.0, 6.0)])
+    (bad / "results.json").write_text('{"model": "attention56", "params": ')
+    assert report.main(argparse.Namespace(run_dirs=[good, bad], output=tmp_path / "r.md")) == 2
+    err = capsys.readouterr().err
+    assert f"{bad / 'results.json'}: not valid JSON" in err
+    data = json.loads((good / "results.json").read_text())
+    data["params"] = "31.8M"
+    (bad / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=re.escape(f"{bad / 'results.json'}: params must be int")):
+        report.write_report([bad], tmp_path / "r.md")
+
+
+def test_config_and_metrics_errors_name_the_file(tmp_path):
+    run = make_run(tmp_path, "r", evaluations=[(224, 22.0, 6.0)], metrics=training_log(20, 224))
+    (run / "config.yaml").unlink()
+    with pytest.raises(report.ReportError, match=re.escape(f"{run / 'config.yaml'}: not found")):
+        report.load_run(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention56", "attention": "soft"}}))
+    with pytest.raises(report.ReportError, match=r"model.attention is 'soft'; valid values: \['mixed'"):
+        report.load_run(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention92"}}))
+    with pytest.raises(report.ReportError, match="model.name is 'attention92' but results.json says 'attention56'"):
+        report.load_run(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention56"}}))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    # A truncated last line (a run killed mid-write) is ignored; a broken line inside is an error.
+    (run / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "train", "st']))
+    assert len(report.load_run(run).train_metrics) == 2
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]))
+    with pytest.raises(report.ReportError, match=re.escape(f"{run / 'metrics.jsonl'}:2: not valid JSON")):
+        report.load_run(run)
+
+
+def test_cli_writes_the_report(tmp_path):
+    from ran_bench.cli import main
+
+    run = make_run(tmp_path, "ran56", evaluations=[(224, 22.5, 6.4)])
+    out = tmp_path / "rep" / "imagenet.md"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    assert (tmp_path / "rep" / "imagenet_table7.png").is_file()
+    assert "| Attention-56 | 224 | 31.9 | 31.81 | -0.09 |" in out.read_text()
