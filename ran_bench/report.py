@@ -61,7 +61,7 @@ class Run:
     path: Path
     label: str
     results: Results
-    options: dict  # the model's ablation options (MODEL_OPTION_DEFAULTS filled in)
+    options: dict  # model.options of the config, MODEL_OPTION_DEFAULTS filled in
     train_metrics: list[dict]
     eval_metrics: list[dict]
 
@@ -88,7 +88,9 @@ class Run:
         return "partial" if self.results.partial else "complete"
 
     def non_default_options(self) -> dict:
-        return {k: v for k, v in self.options.items() if v != MODEL_OPTION_DEFAULTS[k]}
+        """Constructor options that change the model from the paper's default (ARL, mixed
+        attention, encoder-decoder mask), including any other option such as p, t, r."""
+        return {k: v for k, v in self.options.items() if k not in MODEL_OPTION_DEFAULTS or v != MODEL_OPTION_DEFAULTS[k]}
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -105,10 +107,9 @@ def load_run(path: str | os.PathLike) -> Run:
 
 
 def _model_options(config_path: Path, model: str) -> dict:
-    """The attention options the run's model was built with, from its resolved config.yaml.
-
-    An option the config does not set is the model's constructor default, so older configs and
-    models without options (the baselines) are read as the defaults.
+    """The constructor options the run's model was built with (`model.options` of its resolved
+    config.yaml). An ablation option the config does not set is the model's constructor default,
+    so models without options (the baselines) read as the paper's defaults.
     """
     if not config_path.is_file():
         raise ReportError(f"{config_path}: not found; `ran-bench train` writes the resolved config "
@@ -126,20 +127,14 @@ def _model_options(config_path: Path, model: str) -> dict:
     if name is not None and name != model:
         raise ReportError(f"{config_path}: model.name is {name!r} but results.json says {model!r}; "
                           "the run directory mixes files of two runs")
-    # Options may sit in the model section itself or in its constructor-overrides mapping.
-    values = dict(section)
-    for key in ("kwargs", "overrides"):
-        nested = section.get(key)
-        if isinstance(nested, dict):
-            values.update(nested)
-    options = dict(MODEL_OPTION_DEFAULTS)
+    values = section.get("options") or {}
+    if not isinstance(values, dict):
+        raise ReportError(f"{config_path}: model.options must be a mapping, got {values!r}")
+    options = {**MODEL_OPTION_DEFAULTS, **values}
     for key, choices in MODEL_OPTION_CHOICES.items():
-        value = values.get(key)
-        if value is None:
-            continue
+        value = options[key]
         if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-            raise ReportError(f"{config_path}: model.{key} is {value!r}; valid values: {list(choices)}")
-        options[key] = value
+            raise ReportError(f"{config_path}: model.options.{key} is {value!r}; valid values: {list(choices)}")
     return options
 
 
@@ -220,6 +215,7 @@ def _options_text(run: Run) -> str:
         text.append("NAL (M*T)")
     if "mask" in opts:
         text.append(f"{opts['mask']} mask")
+    text += [f"{k}={v}" for k, v in opts.items() if k not in MODEL_OPTION_DEFAULTS]
     if run.label_noise:
         text.append(f"label noise {run.label_noise:g}")
     return ", ".join(text) or DASH

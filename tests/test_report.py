@@ -192,10 +192,10 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
                  total_steps=160_000, images_seen=160_000 * 64, global_batch_size=64, world_size=1)
     runs = [
         make_run(tmp_path, "spatial", model="cifar_attention56", params=850_000, macs=10**8,
-                 config={"model": {"name": "cifar_attention56", "attention": "spatial"}},
+                 config={"model": {"name": "cifar_attention56", "options": {"attention": "spatial"}}},
                  evaluations=[(32, 6.5, 0.3)], **cifar),
         make_run(tmp_path, "nal92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
-                 config={"model": {"name": "cifar_attention92", "residual_attention": False}},
+                 config={"model": {"name": "cifar_attention92", "options": {"residual_attention": False}}},
                  evaluations=[(32, 5.0, 0.2)], **cifar),
         make_run(tmp_path, "noisy92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
                  label_noise=0.3, config={"model": {"name": "cifar_attention92"}, "data": {"label_noise": 0.3}},
@@ -203,8 +203,11 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
         make_run(tmp_path, "arl92", model="cifar_attention92", params=1_950_000, macs=2 * 10**8,
                  evaluations=[(32, 5.2, 0.2)], **cifar),
         make_run(tmp_path, "localconv", model="cifar_attention56", params=850_000, macs=10**8,
-                 config={"model": {"name": "cifar_attention56", "mask": "local_conv"}},
+                 config={"model": {"name": "cifar_attention56", "options": {"mask": "local_conv"}}},
                  evaluations=[(32, 7.0, 0.5)], **cifar),
+        make_run(tmp_path, "p2", model="cifar_attention92", params=2_500_000, macs=3 * 10**8,
+                 config={"model": {"name": "cifar_attention92", "options": {"p": 2}}},
+                 evaluations=[(32, 4.9, 0.2)], **cifar),
     ]
     tables = parse_tables(report.write_report(runs, tmp_path / "cifar.md").read_text())
 
@@ -234,7 +237,7 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
     assert t6["WRN-28-10", "CIFAR-10"]["run"] == "not run"
 
     other = table_with(tables, "why not in a paper table")["rows"]
-    assert [(r["run"], r["options"]) for r in other] == [("localconv", "local_conv mask")]
+    assert [(r["run"], r["options"]) for r in other] == [("localconv", "local_conv mask"), ("p2", "p=2")]
 
 
 def test_missing_results_json_names_the_file(tmp_path, capsys):
@@ -267,8 +270,8 @@ def test_config_and_metrics_errors_name_the_file(tmp_path):
     (run / "config.yaml").unlink()
     with pytest.raises(report.ReportError, match=re.escape(f"{run / 'config.yaml'}: not found")):
         report.load_run(run)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention56", "attention": "soft"}}))
-    with pytest.raises(report.ReportError, match=r"model.attention is 'soft'; valid values: \['mixed'"):
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention56", "options": {"attention": "soft"}}}))
+    with pytest.raises(report.ReportError, match=r"model.options.attention is 'soft'; valid values: \['mixed'"):
         report.load_run(run)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention92"}}))
     with pytest.raises(report.ReportError, match="model.name is 'attention92' but results.json says 'attention56'"):
