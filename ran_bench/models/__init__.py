@@ -7,3 +7,4 @@ this package registers them all with ran_bench's registry and with timm's.
 from ran_bench.models._registry import ModelInfo, create_model, list_models, model_info, register_model
 
 # Model families; importing each registers its builders.
+from ran_bench.models import preact_resnet, residual_attention  # noqa: E402,F401  (RAN family, CIFAR ResNet-164)
