@@ -91,7 +91,7 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
                   seed=seed, channels_last=channels_last, dtype=dtype, device=torch.device(device))
 
     if backend == "synthetic":
-        from ran_bench.data.sampling import train_indices, val_range
+        from ran_bench.data.sampling import train_per_rank, val_range
         from ran_bench.data.synthetic import SyntheticLoader
 
         if root is not None:
@@ -102,7 +102,7 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
         if not num_classes:
             raise ValueError("the synthetic backend without a data root needs num_classes")
         if split == "train":
-            per_rank = (n // world_size) // batch_size * batch_size
+            per_rank = train_per_rank(n, world_size=world_size, batch_size=batch_size)
         else:
             per_rank = len(val_range(n, rank=rank, world_size=world_size))
         return SyntheticLoader(num_samples=per_rank, num_classes=num_classes, **common)

@@ -1,10 +1,12 @@
 """Which sample indices a rank reads, shared by every backend so they shard identically.
 
-Train: torch's `DistributedSampler` order (a permutation seeded with `seed + epoch`, split
-round-robin over ranks after dropping the tail that does not divide evenly), cut to whole
-batches so every rank runs the same number of steps. Validation: a contiguous, unpadded slice
-per rank, `[n*rank//world, n*(rank+1)//world)`, the rule DALI's readers use for `shard_id`, so
-every image is read exactly once and rank sizes differ by at most one.
+Train: the permutation of torch's `DistributedSampler` (`torch.randperm` seeded with
+`seed + epoch`), cut to `world_size` equal, whole-batch shards; rank r reads the r-th contiguous
+chunk. Contiguous chunks (not DistributedSampler's round-robin) because that is how DALI's
+readers split a file list by `shard_id`, so DALI and torchvision read the same images in the same
+order. Validation: the contiguous, unpadded slice `[n*rank//world, n*(rank+1)//world)`, DALI's
+rule for `shard_id` with `pad_last_batch`, so every image is read exactly once and rank sizes
+differ by at most one.
 """
 
 from __future__ import annotations
@@ -12,22 +14,29 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator
 
-from torch.utils.data.distributed import DistributedSampler
+import torch
 
 log = logging.getLogger("ran_bench.data")
 
 
+def train_order(n: int, *, world_size: int, seed: int, epoch: int, batch_size: int) -> list[int]:
+    """One training epoch's sample order for all ranks: rank r's shard is the r-th of
+    `world_size` equal chunks, each a whole number of batches (the ragged tail is dropped)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)  # DistributedSampler's seeding
+    per_rank = train_per_rank(n, world_size=world_size, batch_size=batch_size)
+    return torch.randperm(n, generator=g)[: per_rank * world_size].tolist()
+
+
+def train_per_rank(n: int, *, world_size: int, batch_size: int) -> int:
+    return (n // world_size) // batch_size * batch_size
+
+
 def train_indices(n: int, *, rank: int, world_size: int, seed: int, epoch: int, batch_size: int) -> list[int]:
     """This rank's sample indices for one training epoch, a whole number of batches long."""
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    return indices[: len(indices) // batch_size * batch_size]
-
-
-def train_batches(n: int, *, world_size: int, batch_size: int) -> int:
-    return (n // world_size) // batch_size
+    per_rank = train_per_rank(n, world_size=world_size, batch_size=batch_size)
+    order = train_order(n, world_size=world_size, seed=seed, epoch=epoch, batch_size=batch_size)
+    return order[rank * per_rank:(rank + 1) * per_rank]
 
 
 def val_range(n: int, *, rank: int, world_size: int) -> range:

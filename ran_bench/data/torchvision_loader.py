@@ -22,7 +22,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
 from ran_bench.data.folder import MEAN_255, STD_255
-from ran_bench.data.sampling import LoaderBase, train_indices, val_range
+from ran_bench.data.sampling import LoaderBase, train_indices, train_per_rank, val_range
 
 log = logging.getLogger("ran_bench.data")
 
@@ -126,8 +126,7 @@ class TorchvisionLoader(LoaderBase):
         n = len(files)
         self._n = n
         if split == "train":
-            num_samples = len(train_indices(n, rank=rank, world_size=world_size, seed=seed, epoch=0,
-                                            batch_size=batch_size))
+            num_samples = train_per_rank(n, world_size=world_size, batch_size=batch_size)
         else:
             num_samples = len(val_range(n, rank=rank, world_size=world_size))
         super().__init__(split=split, num_samples=num_samples, batch_size=batch_size, rank=rank,
@@ -143,7 +142,7 @@ class TorchvisionLoader(LoaderBase):
         self._loader = DataLoader(
             ImageFiles(files, labels, size, self.train), batch_size=batch_size,
             sampler=_KeySampler(self), num_workers=num_threads, drop_last=self.train,
-            pin_memory=self.device.type == "cuda", persistent_workers=num_threads > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if num_threads > 0 else None)
 
     def _epoch_indices(self) -> list[int] | range:
