@@ -1,0 +1,266 @@
+"""The benchmark harness (`ran-bench bench`): what its figures mean, not how fast this machine is."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ran_bench import bench
+from ran_bench.cli import main as cli_main
+from ran_bench.models import _registry
+
+# ---------------------------------------------------------------------------------------------
+# A tiny registered model whose multiply-adds are known from its shapes.
+
+TINY = "bench_tiny_linear"
+TINY_SIZE = 4
+# One Linear layer over a flattened 3 x 4 x 4 image to 10 classes: 48 x 10 multiply-adds.
+TINY_MACS = 3 * TINY_SIZE * TINY_SIZE * 10
+
+
+def _tiny_linear(num_classes: int = 10, **kwargs) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * TINY_SIZE * TINY_SIZE, num_classes))
+
+
+def _tiny_conv(num_classes: int = 10, **kwargs) -> nn.Module:
+    """Convolution, BatchNorm (running statistics) and a classifier: what the real models have."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """Register the tiny model with ran_bench's and timm's registries for this module only."""
+    from timm.models import _registry as timm_registry
+
+    mp = pytest.MonkeyPatch()
+    mp.setitem(_registry._MODELS, TINY, _registry.ModelInfo(TINY, _tiny_linear, TINY_SIZE, "cifar", 10))
+
+    def timm_entrypoint(pretrained: bool = False, **kwargs):
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return _tiny_linear(**kwargs)
+
+    mp.setitem(timm_registry._model_entrypoints, TINY, timm_entrypoint)
+    yield TINY
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def train_run(tiny_model, tmp_path_factory):
+    """One `ran-bench bench train --overhead` run of the tiny model with a given peak."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli_main(["bench", "train", "--model", tiny_model, "--batch-size", "4", "--steps", "3", "--warmup", "1",
+                   "--repeats", "2", "--peak-tflops", "0.001", "--overhead", "--out-dir", str(out)])
+    assert rc == 0
+    (path,) = out.glob("*.json")
+    return out, json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON schema
+
+# The keys of a record and their JSON types; a renamed or dropped key breaks the readers
+# (README generation, `ran-bench report`, users' scripts).
+NUMBER = (int, float)
+OPTIONAL_NUMBER = (int, float, type(None))
+OPTIONAL_STR = (str, type(None))
+SCHEMA = {
+    "mode": str, "model": str, "size": int, "batch_size": int, "world_size": int, "precision": str,
+    "channels_last": bool, "compile": bool, "backend": str, "steps": int, "warmup": int, "repeats": int,
+    "step_time_s": list, "step_time_median_s": float, "images_per_s": float, "images_per_s_min": float,
+    "images_per_s_max": float, "images_per_s_total": float, "peak_memory_mib": NUMBER, "peak_memory_kind": str,
+    "params": int, "macs": int, "flops_per_image": int, "tflops": float, "peak_tflops": OPTIONAL_NUMBER,
+    "peak_source": str, "mfu": OPTIONAL_NUMBER, "flop_convention": str,
+    "data_root": OPTIONAL_STR, "end_to_end_backend": OPTIONAL_STR, "end_to_end_images_per_s": OPTIONAL_NUMBER,
+    "end_to_end_fraction": OPTIONAL_NUMBER, "limiter": OPTIONAL_STR,
+    "overhead_trainer_images_per_s": OPTIONAL_NUMBER, "bare_images_per_s": OPTIONAL_NUMBER,
+    "trainer_over_bare": OPTIONAL_NUMBER, "timm_images_per_s": OPTIONAL_NUMBER,
+    "trainer_over_timm": OPTIONAL_NUMBER, "timm_model": OPTIONAL_STR, "scaling_efficiency": OPTIONAL_NUMBER,
+    "num_threads": (int, type(None)),
+    "device_type": str, "device_name": str, "torch_version": str, "cuda_version": str, "cudnn_version": str,
+    "dali_version": str, "timm_version": str, "accelerate_version": str, "python_version": str,
+    "git_commit": str, "time_utc": str, "command": str, "schema_version": int,
+}
+
+
+def test_train_json_has_the_schema_keys_and_types(train_run):
+    _, record = train_run
+    assert set(record) == set(SCHEMA)
+    wrong = {k: type(v).__name__ for k, v in record.items() if not isinstance(v, SCHEMA[k])}
+    assert not wrong, f"keys with the wrong JSON type: {wrong}"
+    assert record["mode"] == "train" and record["model"] == TINY and record["size"] == TINY_SIZE
+    assert len(record["step_time_s"]) == 2  # one per repeat
+    assert record["peak_memory_kind"] == "cpu_process_peak_rss" and record["peak_memory_mib"] > 0
+    assert record["torch_version"] == torch.__version__
+    assert record["command"].endswith(f"ran-bench bench train --model {TINY} --batch-size 4 --size {TINY_SIZE} "
+                                      "--precision fp32 --steps 3 --warmup 1 --repeats 2 --peak-tflops 0.001 "
+                                      "--overhead")
+    # the overhead check ran all three loops, timm's on our model through timm's registry
+    assert record["trainer_over_bare"] > 0 and record["trainer_over_timm"] > 0
+    assert record["timm_model"] == "torch.nn.modules.container.Sequential"
+
+
+def test_bench_cli_names_the_missing_flag(capsys):
+    assert cli_main(["bench", "train", "--batch-size", "2"]) == 2
+    assert "needs --model NAME" in capsys.readouterr().err
+    assert cli_main(["bench", "infer", "--model", "no_such_model"]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed regions synchronise the device
+
+
+def test_timed_region_is_bracketed_by_device_synchronisation(monkeypatch):
+    events: list[str] = []
+    clock = iter(range(100))
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(bench, "_clock", lambda: events.append("clock") or float(next(clock)))
+
+    times = bench.time_steps(lambda: events.append("step"), device=torch.device("cuda"), steps=3, warmup=2,
+                             repeats=2)
+
+    region = ["sync", "clock", "step", "step", "step", "sync", "clock"]
+    assert events == ["step", "step"] + region + region
+    assert times == [1 / 3, 1 / 3]  # each region: one clock tick over 3 steps
+
+
+def test_synchronize_waits_for_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    bench.synchronize(torch.device("cpu"))
+    assert calls == []
+    bench.synchronize(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU from the counted multiply-adds
+
+
+def test_mfu_comes_from_the_models_counted_multiply_adds(train_run):
+    _, r = train_run
+    assert r["macs"] == TINY_MACS
+    assert r["flops_per_image"] == 3 * 2 * TINY_MACS  # training step = 3 x forward, FLOP = 2 x MAC
+    assert r["tflops"] == pytest.approx(3 * 2 * TINY_MACS * r["images_per_s"] / 1e12)
+    assert r["peak_tflops"] == 0.001 and r["peak_source"] == "given with --peak-tflops"
+    assert r["mfu"] == pytest.approx(r["tflops"] / 0.001)
+
+
+def test_inference_counts_one_forward(tiny_model, tmp_path):
+    assert cli_main(["bench", "infer", "--model", tiny_model, "--batch-size", "2", "--steps", "2", "--warmup", "0",
+                     "--repeats", "1", "--peak-tflops", "2", "--out-dir", str(tmp_path), "--no-record"]) == 0
+    (path,) = tmp_path.glob("infer_*.json")
+    r = json.loads(path.read_text())
+    assert r["flops_per_image"] == 2 * TINY_MACS
+    assert r["mfu"] == pytest.approx(2 * TINY_MACS * r["images_per_s"] / 1e12 / 2)
+    assert not (tmp_path / "results.csv").exists()  # --no-record
+
+
+def test_peak_is_looked_up_by_gpu_name_for_bf16_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert bench.resolve_peak(cuda, "bf16", None)[0] == 989.4
+    assert bench.resolve_peak(cuda, "fp32", None)[0] is None  # the table holds bf16/fp16 peaks only
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    assert bench.resolve_peak(cuda, "bf16", None)[0] == 125.0  # not A100's
+    assert bench.resolve_peak(torch.device("cpu"), "fp32", None)[0] is None
+    assert bench.resolve_peak(torch.device("cpu"), "fp32", 1.5) == (1.5, "given with --peak-tflops")
+
+
+# ---------------------------------------------------------------------------------------------
+# The overhead ratio compares the same work
+
+
+def test_trainer_step_and_bare_loop_do_the_same_work():
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = _tiny_conv()
+    initial = copy.deepcopy(model.state_dict())
+    batches = bench.make_batches(3, batch_size=4, size=8, num_classes=10, device=torch.device("cpu"),
+                                 channels_last=False)
+    arms = bench.overhead_arms(Accelerator(cpu=True), model, batches, precision="fp32", compile=False)
+    for _ in range(5):  # more steps than batches: both cycle through the same batches in order
+        arms.trainer_step()
+        arms.bare_step()
+
+    trained = arms.trainer_model.state_dict()
+    assert not torch.equal(trained["0.weight"], initial["0.weight"])  # the steps did train
+    for key, value in arms.bare_model.state_dict().items():
+        assert torch.equal(value, trained[key]), f"{key} differs between the trainer's step and the bare loop"
+    assert torch.equal(model.state_dict()["0.weight"], initial["0.weight"])  # the model given is copied, untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# "Is my data loader the bottleneck?"
+
+
+def test_loader_verdict():
+    assert bench.loader_verdict(100.0, 50.0) == (0.5, "data loader")
+    assert bench.loader_verdict(100.0, 95.0) == (0.95, "model")  # within the spread of repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# results.csv and the generated README
+
+
+def _record(**changes) -> bench.BenchRecord:
+    base = dict(mode="train", model="attention56", size=224, batch_size=8, world_size=1, precision="fp32",
+                channels_last=False, compile=False, backend="synthetic", steps=2, warmup=1, repeats=2,
+                step_time_s=[0.5, 0.6], step_time_median_s=0.55, images_per_s=14.5, images_per_s_min=13.3,
+                images_per_s_max=16.0, images_per_s_total=14.5, peak_memory_mib=2048.0,
+                peak_memory_kind="cpu_process_peak_rss", params=31_810_728, macs=6_271_000_000,
+                flops_per_image=37_626_000_000, tflops=0.55, peak_tflops=None, peak_source="none", mfu=None,
+                flop_convention=bench.FLOP_CONVENTION, device_type="cpu", device_name="Test CPU (2 cores)",
+                torch_version="2.14.1", command="ran-bench bench train --model attention56 --batch-size 8")
+    base.update(changes)
+    return bench.BenchRecord(**base)
+
+
+def test_csv_rows_and_generated_readme(tmp_path):
+    train = _record()
+    scaling = _record(mode="scaling", model="cifar_attention56", size=32, world_size=2, images_per_s_total=29.0,
+                      scaling_efficiency=0.9, device_name="Other CPU",
+                      command="ran-bench bench scaling --model cifar_attention56 --procs 1,2")
+    bench.save([train], tmp_path)
+    bench.save([scaling], tmp_path)
+
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == ["train", "scaling"]
+    assert rows[0]["command"] == train.command and rows[0]["step_time_s"] == "0.5 0.6"
+    assert rows[1]["scaling_efficiency"] == "0.9" and rows[1]["mfu"] == ""
+
+    readme = (tmp_path / "README.md").read_text()
+    train_part = readme[readme.index("## Training step"):readme.index("## Scaling")]
+    scaling_part = readme[readme.index("## Scaling"):]
+    assert "| attention56 | 224 | 8 | fp32 |" in train_part
+    assert "Test CPU (2 cores)" in train_part and "torch 2.14.1" in train_part and f"`{train.command}`" in train_part
+    assert "| cifar_attention56 | 32 | 8 | fp32 | 2 | 29.0 |" in scaling_part and "90%" in scaling_part
+    assert f"`{scaling.command}`" in scaling_part and "Other CPU" in scaling_part
+
+
+def test_readme_mode_adds_rows_of_another_csv(tmp_path):
+    gpu = tmp_path / "gpu"
+    bench.save([_record(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", cuda_version="13.0",
+                        peak_memory_kind="cuda_max_memory_allocated")], gpu)
+    bench.save([_record()], tmp_path)
+    assert cli_main(["bench", "readme", "--out-dir", str(tmp_path), "--add", str(gpu / "results.csv")]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "NVIDIA H100 80GB HBM3" in readme and "torch 2.14.1, CUDA 13.0" in readme and "GPU alloc" in readme
+    assert len(bench.read_csv(tmp_path / "results.csv")) == 2
+
+
+def test_csv_with_other_columns_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("mode,model,images_per_s\ntrain,x,1\n")
+    with pytest.raises(ValueError, match=r"results.csv has other columns.*move it aside"):
+        bench.append_csv([_record()], path)
