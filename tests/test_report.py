@@ -163,6 +163,7 @@ def test_demo_run_goes_to_other_runs(tmp_path):
     assert len(other) == 1
     assert (other[0]["run"], other[0]["data set"], other[0]["test size"], other[0]["top-1 err %"],
             other[0]["top-5 err %"], other[0]["status"]) == ("demo", "demo", "64", "31.25", "3.50", "complete")
+    assert other[0]["why not in a paper table"] == "trained on demo, not a data set of the paper's tables"
     table7 = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
     assert all(r["run"] == "not run" for r in table7.values())
     prov = table_with(tables, "of the paper's schedule")["rows"][0]
@@ -176,7 +177,7 @@ def test_table7_model_on_other_data_is_not_compared_with_the_paper(tmp_path):
     rows = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
     assert rows["Attention-56"]["top-1 err % (measured)"] == "not run"
     other = table_with(tables, "why not in a paper table")["rows"]
-    assert other[0]["why not in a paper table"] == "trained on demo, not ImageNet-1K"
+    assert other[0]["why not in a paper table"] == "trained on demo, not a data set of the paper's tables"
 
 
 def test_run_not_evaluated_at_the_rows_test_size(tmp_path):
@@ -238,6 +239,7 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
 
     other = table_with(tables, "why not in a paper table")["rows"]
     assert [(r["run"], r["options"]) for r in other] == [("localconv", "local_conv mask"), ("p2", "p=2")]
+    assert other[0]["why not in a paper table"] == "model, options or label noise match no CIFAR table row"
 
 
 def test_missing_results_json_names_the_file(tmp_path, capsys):
