@@ -1,0 +1,152 @@
+"""Preemption-safe training checkpoints: `RUN_DIR/checkpoints/step_XXXXXXXX.pt`.
+
+A checkpoint is one `torch.save` file holding only tensors and plain Python values (dicts, lists,
+ints, floats, strings), so it is read with `torch.load(weights_only=True)` and loading never
+unpickles arbitrary objects. It holds the model, optimizer, LR scheduler and grad scaler states,
+the step and epoch, and for every rank its RNG states and data-loader position, which is what an
+exact resume needs. The main process writes it atomically (temporary file in the same folder,
+fsync, rename, fsync of the folder): a crash leaves the previous checkpoint or the new one,
+never a half-written file under a checkpoint's name. The newest `keep_last` are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT = "ran-bench-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+log = logging.getLogger("ran_bench.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is truncated, corrupt, or not a ran-bench checkpoint."""
+
+
+def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a folder, oldest step first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), ckpt_dir / name) for name in os.listdir(ckpt_dir) if (m := _NAME.match(name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write `state` as the checkpoint of `step` atomically, then delete all but the newest
+    `keep_last` checkpoints. Call on the main process only."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary files left by a writer that was killed mid-write; only the main process writes.
+    for stale in ckpt_dir.glob(".step_*.tmp"):
+        stale.unlink(missing_ok=True)
+    path = checkpoint_path(ckpt_dir, step)
+    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename durable (the directory entry), where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint (tensors to CPU) with `weights_only=True`; CheckpointError names the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # noqa: BLE001 - truncation and corruption surface as many exception types
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "it is truncated or corrupt (for example written by a job killed mid-write) or not a "
+            "PyTorch file") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ran-bench checkpoint (a torch file without "
+                              f"format={FORMAT!r}); ran-bench only resumes from its own checkpoints")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')!r}, this "
+                              f"ran-bench reads version {VERSION}")
+    return state
+
+
+def load_latest(ckpt_dir: str | os.PathLike, warn: Callable[[str], None] = log.warning
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a folder and its state, or None when there is none.
+
+    An unreadable newer file is reported through `warn` and the previous one is used; if every
+    file is unreadable, CheckpointError lists them (restarting from scratch silently would
+    throw away the run)."""
+    paths = list_checkpoints(ckpt_dir)
+    errors = []
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            warn(f"{e}; falling back to the previous checkpoint")
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(errors)
+                              + "\nmove the folder away to start the run from scratch")
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, numpy and Python RNG states as tensors and plain values."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

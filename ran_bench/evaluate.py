@@ -1,0 +1,150 @@
+"""`ran-bench eval RUN_DIR_OR_CHECKPOINT [--size 320] [key=value ...]`: single centre-crop error.
+
+Top-1 and top-5 error with torchmetrics, exact across ranks: the validation loader gives every
+rank a contiguous, unpadded share of the images (ranks may differ by one image), each rank
+accumulates the metric's sums over its share, and torchmetrics all-gathers and adds those sums
+at `compute()`. Every validation image is counted once; `num_samples` proves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("ran_bench.evaluate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run directory (its newest good checkpoint) or a checkpoint file")
+    parser.add_argument("--size", type=int, action="append",
+                        help="test size in pixels, repeatable (default: the config's data.test_sizes)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.root=/data/imagenet eval.batch_size=50")
+
+
+@torch.no_grad()
+def evaluate(accelerator, model: nn.Module, loader, num_classes: int) -> dict:
+    """Top-1/top-5 error (percent) and the number of images over all ranks' shards of `loader`.
+
+    `model` is the plain module (not DDP-wrapped): ranks run different numbers of batches, and
+    DDP's forward may start collectives. Every rank must call this (compute() synchronises)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    device = accelerator.device
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    for images, labels in loader:
+        with accelerator.autocast():
+            logits = model(images)
+        logits = logits.float()
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+        count += labels.numel()
+    model.train(was_training)
+    num_samples = int(accelerator.reduce(count, "sum").item()) if accelerator.num_processes > 1 else int(count)
+    return {"top1_err": 100.0 * (1.0 - float(top1.compute())), "top5_err": 100.0 * (1.0 - float(top5.compute())),
+            "num_samples": num_samples}
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts rank 0's buffers at each training forward, but the last forward then updates
+    them on each rank from its own batch; evaluating and checkpointing rank 0's copy everywhere
+    makes the result independent of the number of processes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator, PartialState
+
+    from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
+    from ran_bench.config import ConfigError, config_from_yaml
+    from ran_bench.data import build_loader
+    from ran_bench.models import create_model
+    from ran_bench.results import ResultsError, load_results
+    from ran_bench.results import Evaluation
+    from ran_bench.train import _backend, _mixed_precision, _precision_name, build_results
+
+    path = Path(args.path)
+    try:
+        if path.is_dir():
+            run_dir = path
+            latest = load_latest(path / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+            if latest is None:
+                print(f"error: {path / 'checkpoints'} has no checkpoint; is {path} a ran-bench run directory?",
+                      file=sys.stderr)
+                return 2
+            ckpt_path, ckpt = latest
+        else:
+            ckpt_path, ckpt = path, load_checkpoint(path)
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        cfg = config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)", args.overrides)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, PartialState().device))
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    num_classes = int(ckpt["num_classes"])
+    model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    step = int(ckpt["step"])
+    sizes = args.size or list(cfg.data.test_sizes)
+    evaluations = []
+    for size in sizes:
+        loader = build_loader(cfg.data.root, "val", size=size, batch_size=cfg.eval.batch_size,
+                              backend=_backend(cfg, device), rank=rank, world_size=world_size,
+                              num_threads=cfg.data.num_threads, seed=cfg.seed, channels_last=cfg.model.channels_last,
+                              device=device, num_classes=num_classes)
+        t0 = time.perf_counter()
+        result = evaluate(accelerator, model, loader, num_classes)
+        result.update(size=size, step=step, seconds=time.perf_counter() - t0)
+        evaluations.append(result)
+        if accelerator.is_main_process:
+            print(f"{cfg.model.name} step {step} at {size} px: top-1 err {result['top1_err']:.2f}%, "
+                  f"top-5 err {result['top5_err']:.2f}% over {result['num_samples']} images ({ckpt_path})")
+
+    if accelerator.is_main_process and run_dir is not None and (run_dir / "config.yaml").is_file():
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            for e in evaluations:
+                f.write(json.dumps({"kind": "eval", "step": step, "size": e["size"], "top1_err": e["top1_err"],
+                                    "top5_err": e["top5_err"], "num_samples": e["num_samples"]}) + "\n")
+        try:
+            results = load_results(run_dir)
+        except ResultsError:
+            results = None  # an interrupted run: build the record from the checkpoint
+        if results is None or results.steps != step:
+            results = build_results(
+                cfg, num_classes=num_classes, params=ckpt["params"], macs=ckpt["macs"],
+                macs_input_size=ckpt["macs_input_size"], step=step, images_seen=ckpt["images_seen"],
+                epochs=ckpt["epochs"], world_size=ckpt["world_size"], device=device,
+                precision=_precision_name(_mixed_precision(cfg, device)), wall_time_s=ckpt["elapsed_s"],
+                evaluations=[])
+        for e in evaluations:
+            results.evaluations = [x for x in results.evaluations if x.size != e["size"]]
+            results.evaluations.append(Evaluation(size=e["size"], top1_err=e["top1_err"], top5_err=e["top5_err"],
+                                                  num_samples=e["num_samples"], step=step))
+        results.evaluations.sort(key=lambda x: x.size)
+        results.save(run_dir / "results.json")
+        print(f"updated {run_dir / 'results.json'}")
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0

@@ -1,0 +1,545 @@
+"""`ran-bench train --config FILE [--run-dir DIR] [key=value ...]`: the training loop.
+
+The same command runs in one process, under `accelerate launch -m ran_bench train ...` and under
+`torchrun ... -m ran_bench train ...`: Accelerate places the model, wraps it in DDP and keeps the
+configured global batch by gradient accumulation. The loop is linear, like torchvision's
+reference train.py: build everything, resume from the run directory's newest good checkpoint,
+then step until the schedule (or `schedule.max_steps`) ends, logging, evaluating and
+checkpointing on the way.
+
+Preemption: SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption) sets a
+flag; after the current optimizer step all ranks agree to stop (an all-reduce of the flag, so
+they stop at the same step), write a checkpoint and exit with REQUEUE_EXIT_CODE. Starting the
+same command again resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ran_bench.config import Backend, Config, ConfigError, Precision, gradient_accumulation_steps, load_config, \
+    lr_at, to_yaml
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the launcher requeues the job
+
+log = logging.getLogger("ran_bench.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config, e.g. configs/attention92.yaml (default when resuming: "
+                                         "RUN_DIR/config.yaml)")
+    parser.add_argument("--run-dir", help="run directory (default: runs/<config file name>); a directory "
+                                          "with checkpoints is resumed")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.global_batch_size=512 data.root=/data/imagenet")
+
+
+def train_step(accelerator, model: nn.Module, optimizer, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor) -> torch.Tensor:
+    """One micro-batch: forward under autocast, loss, backward, optimizer step, zero_grad.
+
+    Inside the caller's `accelerator.accumulate(model)` the prepared optimizer only steps (and
+    DDP only all-reduces gradients) on the last micro-batch of an optimizer step. Returns the
+    detached loss of this micro-batch.
+    """
+    with accelerator.autocast():
+        loss = criterion(model(images), labels)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1; the loop reads it between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def main(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list, gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    from ran_bench.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+    from ran_bench.data import build_loader
+    from ran_bench.evaluate import evaluate, sync_buffers
+    from ran_bench.models import create_model
+
+    stop_request = StopRequest()  # first, so a signal during set-up is not lost
+    t_begin = time.perf_counter()
+    cfg, run_dir = _config_and_run_dir(args)
+    state = PartialState()  # initialises torch.distributed under torchrun / accelerate launch
+    try:
+        accumulation = gradient_accumulation_steps(cfg, state.num_processes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mixed_precision = _mixed_precision(cfg, state.device)
+    if cfg.log.tensorboard:
+        _require_tensorboard()
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
+                              log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main_process = accelerator.is_main_process
+    _setup_logging(run_dir if main_process else None, rank)
+    if main_process:
+        _write_config(run_dir, cfg)
+    log.info("run directory %s; %d process(es) on %s; global batch %d = %d x %d per device x %d accumulation; "
+             "precision %s", run_dir, world_size, device, cfg.optim.global_batch_size, world_size,
+             cfg.optim.per_device_batch_size, accumulation, _precision_name(mixed_precision))
+
+    # Data: class count, optional label noise, this rank's training shard.
+    num_classes = _num_classes(cfg)
+    labels = _noisy_labels(cfg, num_classes, run_dir if main_process else None)
+    backend = _backend(cfg, device)
+    loader_args = dict(backend=backend, rank=rank, world_size=world_size, num_threads=cfg.data.num_threads,
+                       seed=cfg.seed, channels_last=cfg.model.channels_last, device=device, num_classes=num_classes)
+    train_loader = build_loader(cfg.data.root, "train", size=cfg.data.train_size,
+                                batch_size=cfg.optim.per_device_batch_size, labels=labels, **loader_args)
+    if len(train_loader) == 0:
+        raise ConfigError(f"data.root {cfg.data.root}: the training split has fewer images per process than "
+                          f"optim.per_device_batch_size ({cfg.optim.per_device_batch_size})")
+    epoch_images = len(train_loader) * cfg.optim.per_device_batch_size * world_size
+    val_loaders: dict[int, Any] = {}
+
+    def val_loader(size: int):
+        if size not in val_loaders:
+            val_loaders[size] = build_loader(cfg.data.root, "val", size=size, batch_size=cfg.eval.batch_size,
+                                             **loader_args)
+        return val_loaders[size]
+
+    # Model, identical on every rank (same seed), then per-rank seeds for everything random after.
+    set_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
+    params, macs, macs_size = _count(cfg, model)
+    if cfg.model.sync_bn and world_size > 1:
+        if device.type != "cuda":
+            raise ConfigError("model.sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernels)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model  # the module whose state_dict is checkpointed and evaluated
+    set_seed(cfg.seed, device_specific=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    # Stepped by the loop once per optimizer step; not prepared, since Accelerate would step it
+    # once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.lr)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    # Resume from the newest good checkpoint (rank 0 chooses, so every rank loads the same file).
+    step, epoch, images_seen, elapsed_before = 0, 0, 0, 0.0
+    window = {"loss_sum": torch.zeros((), device=device), "micro_batches": 0}
+    ckpt_dir = run_dir / "checkpoints"
+    found = [None]
+    if main_process:
+        latest = load_latest(ckpt_dir, warn=log.warning)
+        found = [str(latest[0]) if latest else None]
+    found = broadcast_object_list(found)[0] if world_size > 1 else found[0]
+    if found is not None:
+        from ran_bench.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(found)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if accelerator.scaler is not None and ckpt["scaler"] is not None:
+            accelerator.scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, images_seen = ckpt["step"], ckpt["epoch"], ckpt["images_seen"]
+        elapsed_before = ckpt["elapsed_s"]
+        if ckpt["world_size"] == world_size:
+            mine = ckpt["ranks"][rank]
+            set_rng_state(mine["rng"])
+            train_loader.load_state_dict(mine["data"])
+            window = {"loss_sum": mine["window"]["loss_sum"].to(device),
+                      "micro_batches": mine["window"]["micro_batches"]}
+        else:
+            log.warning("checkpoint %s was written by %d processes, this run has %d: the weights, optimizer "
+                        "and schedule resume, epoch %d restarts from its first batch and random streams are "
+                        "reseeded, so the run is not bitwise the one it would have been", found,
+                        ckpt["world_size"], world_size, epoch)
+        log.info("resumed from %s at step %d (epoch %d)", found, step, epoch)
+        del ckpt
+    if main_process:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    if cfg.log.tensorboard:
+        accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
+
+    def checkpoint() -> None:
+        rank_state = {"rng": rng_state(), "data": train_loader.state_dict(),
+                      "window": {"loss_sum": window["loss_sum"].detach().cpu().clone(),
+                                 "micro_batches": window["micro_batches"]}}
+        ranks = gather_object([rank_state]) if world_size > 1 else [rank_state]
+        if main_process:
+            ranks = [_to_cpu(r) for r in ranks]
+            path = save_checkpoint(ckpt_dir, step, {
+                "step": step, "epoch": epoch, "epochs": images_seen / epoch_images, "images_seen": images_seen,
+                "world_size": world_size, "num_classes": num_classes, "params": params, "macs": macs,
+                "macs_input_size": macs_size,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_begin,
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "ranks": ranks, "config": to_yaml(cfg),
+            }, keep_last=cfg.checkpoint.keep_last)
+            log.info("checkpoint %s", path)
+        accelerator.wait_for_everyone()
+
+    def run_evaluation(sizes) -> list[dict]:
+        sync_buffers(raw_model)  # BatchNorm statistics of rank 0 everywhere, as in the checkpoint
+        out = []
+        for size in sizes:
+            t0 = time.perf_counter()
+            result = evaluate(accelerator, raw_model, val_loader(size), num_classes)
+            result.update(size=size, step=step, seconds=time.perf_counter() - t0)
+            log.info("step %d, eval at %d px: top-1 err %.2f%%, top-5 err %.2f%% over %d images",
+                     step, size, result["top1_err"], result["top5_err"], result["num_samples"])
+            _append_metrics(run_dir, main_process, {"kind": "eval", "step": step, "size": size,
+                                                    "top1_err": result["top1_err"], "top5_err": result["top5_err"],
+                                                    "num_samples": result["num_samples"]})
+            if cfg.log.tensorboard:
+                accelerator.log({f"eval/top1_err_{size}": result["top1_err"],
+                                 f"eval/top5_err_{size}": result["top5_err"]}, step=step)
+            out.append(result)
+        return out
+
+    # The loop.
+    stop_step = cfg.stop_step
+    log.info("training %s from step %d to %d of %d (lr %.4g = %.4g per 256 images x %d / 256, %s schedule)",
+             cfg.model.name, step, stop_step, cfg.total_steps, cfg.lr, cfg.optim.lr_per_256,
+             cfg.optim.global_batch_size, cfg.schedule.kind.name)
+    model.train()
+    bar = tqdm(total=stop_step, initial=step, disable=not main_process, unit="step", dynamic_ncols=True,
+               smoothing=0.1)
+    t_segment, start_step, excluded = time.perf_counter(), step, 0.0  # excluded: evaluation, checkpoints
+    t_window, images_window, data_wait = time.perf_counter(), 0, 0.0
+    signalled = False
+    while step < stop_step and not signalled:
+        train_loader.set_epoch(epoch)
+        batches = iter(train_loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - t0
+            if batch is None:  # end of the epoch
+                epoch += 1
+                break
+            images, targets = batch
+            with accelerator.accumulate(model):
+                loss = train_step(accelerator, model, optimizer, criterion, images, targets)
+            window["loss_sum"] += loss.float()
+            window["micro_batches"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            scheduler.step()
+            images_seen += cfg.optim.global_batch_size
+            images_window += cfg.optim.global_batch_size
+            bar.update(1)
+
+            if step % cfg.log.every_steps == 0 or step == stop_step:
+                total = accelerator.reduce(window["loss_sum"].clone(), "sum") if world_size > 1 else window["loss_sum"]
+                loss_mean = total.item() / (window["micro_batches"] * world_size)
+                now = time.perf_counter()
+                record = {"kind": "train", "step": step, "epoch": images_seen / epoch_images, "loss": loss_mean,
+                          "lr": lr, "images_per_s": images_window / (now - t_window),
+                          "data_wait_s": data_wait, "time": elapsed_before + now - t_begin}
+                _append_metrics(run_dir, main_process, record)
+                if cfg.log.tensorboard:
+                    accelerator.log({"train/loss": loss_mean, "train/lr": record["lr"],
+                                     "train/images_per_s": record["images_per_s"]}, step=step)
+                bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{record['lr']:.3g}",
+                                img_s=f"{record['images_per_s']:.0f}", refresh=False)
+                window["loss_sum"].zero_()
+                window["micro_batches"] = 0
+                t_window, images_window, data_wait = now, 0, 0.0
+
+            flag = torch.tensor(float(stop_request.signum is not None), device=device)
+            signalled = (accelerator.reduce(flag, "sum") if world_size > 1 else flag).item() > 0
+            finished = step >= stop_step
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished and not signalled:
+                t0 = time.perf_counter()
+                run_evaluation(cfg.data.test_sizes)
+                model.train()
+                t_window += time.perf_counter() - t0  # evaluation time is not training throughput
+                excluded += time.perf_counter() - t0
+            if step % cfg.checkpoint.every_steps == 0 or finished or signalled:
+                t0 = time.perf_counter()
+                checkpoint()
+                t_window += time.perf_counter() - t0
+                excluded += time.perf_counter() - t0
+            if finished or signalled:
+                break
+    bar.close()
+    train_time = time.perf_counter() - t_segment - excluded
+    train_images_per_s = (step - start_step) * cfg.optim.global_batch_size / train_time if step > start_step else None
+    if signalled:
+        log.warning("stopped by signal %s after step %d; checkpoint written, exiting with %d so the launcher "
+                    "requeues the run", signal.Signals(stop_request.signum).name if stop_request.signum
+                    else "(on another rank)", step, REQUEUE_EXIT_CODE)
+        _shutdown(accelerator, cfg)
+        return REQUEUE_EXIT_CODE
+
+    # Final evaluation and results.json.
+    evaluations = run_evaluation(cfg.data.test_sizes)
+    bad_files = gather_object(list(train_loader.bad_files)) if world_size > 1 else list(train_loader.bad_files)
+    if main_process:
+        wall = elapsed_before + time.perf_counter() - t_begin
+        results = build_results(
+            cfg, num_classes=num_classes, params=params, macs=macs, macs_input_size=macs_size, step=step,
+            images_seen=images_seen, epochs=images_seen / epoch_images, world_size=world_size, device=device,
+            precision=_precision_name(mixed_precision), wall_time_s=wall, evaluations=evaluations,
+            train_images_per_s=train_images_per_s,
+            skipped_images=len(set(bad_files)))
+        results.save(run_dir / "results.json")
+        log.info("results: %s (%s, %d steps, %.0f s)", run_dir / "results.json",
+                 "partial" if results.partial else "complete", step, wall)
+    _shutdown(accelerator, cfg)
+    return 0
+
+
+def build_results(cfg: Config, *, num_classes: int, params: int, macs: int, macs_input_size: int, step: int,
+                  images_seen: int, epochs: float, world_size: int, device: torch.device, precision: str,
+                  wall_time_s: float, evaluations: list[dict], train_images_per_s: float | None = None,
+                  skipped_images: int = 0):
+    """The `Results` record of a run (also used by `ran-bench eval` for a run without one)."""
+    from ran_bench import __version__
+    from ran_bench.results import Evaluation, Results
+
+    first = evaluations[0] if evaluations else None
+    return Results(
+        model=cfg.model.name, dataset=cfg.data.name, data_root=str(cfg.data.root), num_classes=num_classes,
+        params=params, macs=macs, macs_input_size=macs_input_size, train_size=cfg.data.train_size,
+        evaluations=[Evaluation(size=e["size"], top1_err=e["top1_err"], top5_err=e["top5_err"],
+                                num_samples=e["num_samples"], step=e["step"]) for e in evaluations],
+        steps=step, total_steps=cfg.total_steps, images_seen=images_seen, epochs=epochs,
+        global_batch_size=cfg.optim.global_batch_size, world_size=world_size, device_type=device.type,
+        device_name=device_name(device), precision=precision, wall_time_s=wall_time_s,
+        gpu_hours=world_size * wall_time_s / 3600 if device.type == "cuda" else 0.0, git_commit=git_commit(),
+        label_noise=cfg.data.label_noise, train_images_per_s=train_images_per_s,
+        infer_images_per_s=first["num_samples"] / first["seconds"] if first and first.get("seconds") else None,
+        skipped_images=skipped_images, ran_bench_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name on CUDA, the CPU model otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def git_commit() -> str:
+    """The commit of the ran-bench checkout running this code, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
+    if args.config is None and args.run_dir is None:
+        raise SystemExit("ran-bench train: give --config FILE (a new run) or --run-dir DIR (resume a run)")
+    config_path = args.config
+    if config_path is None:
+        config_path = Path(args.run_dir) / "config.yaml"
+        if not config_path.is_file():
+            raise SystemExit(f"ran-bench train: {config_path} does not exist; give --config FILE")
+    try:
+        cfg = load_config(config_path, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(config_path).stem
+    return cfg, run_dir
+
+
+def _mixed_precision(cfg: Config, device: torch.device) -> str:
+    if cfg.precision is Precision.auto:
+        return "bf16" if device.type == "cuda" else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
+
+
+def _precision_name(mixed_precision: str) -> str:
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
+def _backend(cfg: Config, device: torch.device) -> str:
+    if cfg.data.backend is not Backend.auto:
+        return cfg.data.backend.name
+    from ran_bench.data import dali_available
+
+    return "dali" if device.type == "cuda" and dali_available() else "torchvision"
+
+
+def _num_classes(cfg: Config) -> int:
+    if cfg.data.num_classes is not None:
+        return cfg.data.num_classes
+    from ran_bench.data import find_classes
+
+    return len(find_classes(cfg.data.root))
+
+
+def _noisy_labels(cfg: Config, num_classes: int, run_dir: Path | None) -> list[int] | None:
+    """Training labels with `data.label_noise` of them changed (the same on every rank, from the
+    seed); the main process records the changes in label_noise.json."""
+    if cfg.data.label_noise <= 0:
+        return None
+    from ran_bench.data import corrupt_labels, list_samples
+    from ran_bench.results import write_json_atomic
+
+    if cfg.data.root is None:
+        raise ConfigError("data.label_noise needs a data set with labels (data.root)")
+    files, clean, _ = list_samples(cfg.data.root, "train")
+    noisy = corrupt_labels(clean, cfg.data.label_noise, num_classes, seed=cfg.seed)
+    if run_dir is not None:
+        changed = [[i, a, b] for i, (a, b) in enumerate(zip(clean, noisy)) if a != b]
+        write_json_atomic(run_dir / "label_noise.json", {
+            "fraction": cfg.data.label_noise, "seed": cfg.seed, "num_samples": len(clean),
+            "num_changed": len(changed), "changes_index_from_to": changed,
+            "files": "sample index i is the i-th file of ran_bench.data.list_samples(root, 'train')"})
+        log.info("label noise: %d of %d training labels changed (seed %d), see label_noise.json",
+                 len(changed), len(clean), cfg.seed)
+    return noisy
+
+
+def _count(cfg: Config, model: nn.Module) -> tuple[int, int, int]:
+    """Parameters, and multiply-adds at the model's paper input size (224 for ImageNet models)."""
+    from ran_bench.models import model_info
+    from ran_bench.profile import count_macs, count_params
+
+    size = model_info(cfg.model.name).input_size
+    return count_params(model), count_macs(model, size), size
+
+
+def _require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install 'ran-bench[tensorboard]' "
+                          "(or set log.tensorboard=false)")
+
+
+def _flat_hparams(cfg: Config) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    def flat(prefix: str, node) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                out.update(flat(name + ".", value))
+            else:
+                out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        return out
+
+    return flat("", OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+
+
+def _setup_logging(run_dir: Path | None, rank: int) -> None:
+    """train.log and stderr on the main process; warnings only, prefixed with the rank, elsewhere."""
+    root = logging.getLogger("ran_bench")
+    root.handlers.clear()
+    root.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    if run_dir is None:
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+        root.setLevel(logging.WARNING)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(fmt)
+        root.addHandler(file)
+        console.setFormatter(fmt)
+        root.setLevel(logging.INFO)
+    root.addHandler(console)
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        log.warning("%s differs from this run's resolved config; it is replaced (the old one is config.yaml.prev)",
+                    path)
+        path.replace(run_dir / "config.yaml.prev")
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _append_metrics(run_dir: Path, main_process: bool, record: dict) -> None:
+    if main_process:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint being resumed from: the resumed run logs them again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def _shutdown(accelerator, cfg: Config) -> None:
+    if cfg.log.tensorboard:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
