@@ -8,3 +8,4 @@ from ran_bench.models._registry import ModelInfo, create_model, list_models, mod
 
 # Model families; importing each registers its builders.
 from ran_bench.models import preact_resnet, residual_attention  # noqa: E402,F401  (RAN family, CIFAR ResNet-164)
+from ran_bench.models import attention_inception, baselines, inception_resnet  # noqa: E402,F401  (Table 7 baselines, AttentionInception-56)
