@@ -756,7 +756,7 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = _precision(args)
-    accelerator = Accelerator(mixed_precision=_accelerate_precision(precision, device_type))
+    accelerator = Accelerator(mixed_precision=_accelerate_precision(precision, device_type), cpu=device_type == "cpu")
     world = accelerator.num_processes
     if args.expect_world_size and world != args.expect_world_size:
         raise BenchError(

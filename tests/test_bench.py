@@ -203,9 +203,58 @@ def test_trainer_step_and_bare_loop_do_the_same_work():
 # "Is my data loader the bottleneck?"
 
 
+def test_end_to_end_rate_with_a_real_loader_names_the_limit(tiny_model, tmp_path):
+    from ran_bench.data.demo import make_demo
+
+    make_demo(tmp_path / "data", train_per_class=2, val_per_class=1, num_classes=4, min_side=16, max_side=24)
+    out = tmp_path / "out"
+    assert cli_main(["bench", "train", "--model", tiny_model, "--batch-size", "4", "--steps", "3", "--warmup", "1",
+                     "--repeats", "1", "--data-root", str(tmp_path / "data"), "--backend", "torchvision",
+                     "--num-threads", "0", "--out-dir", str(out), "--no-record"]) == 0
+    (path,) = out.glob("*.json")
+    r = json.loads(path.read_text())
+    assert r["backend"] == "synthetic" and r["end_to_end_backend"] == "torchvision"
+    assert r["end_to_end_fraction"] == pytest.approx(r["end_to_end_images_per_s"] / r["images_per_s"])
+    # Decoding JPEGs takes far longer than one Linear layer on 4x4 images: the loader limits.
+    assert r["limiter"] == "data loader"
+    assert f"--backend torchvision --data-root {tmp_path / 'data'} --num-threads 0" in r["command"]
+
+
 def test_loader_verdict():
     assert bench.loader_verdict(100.0, 50.0) == (0.5, "data loader")
     assert bench.loader_verdict(100.0, 95.0) == (0.95, "model")  # within the spread of repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling
+
+
+def test_train_refuses_a_world_size_other_than_expected(tiny_model, tmp_path, capsys):
+    # `accelerate launch --multi_gpu` on a CPU machine starts independent single processes.
+    assert cli_main(["bench", "train", "--model", tiny_model, "--expect-world-size", "2", "--out-dir",
+                     str(tmp_path)]) == 2
+    assert "expected 2 processes but Accelerate sees 1" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # two torchrun launches: ~30 s alone, minutes on a loaded 2-core machine
+def test_scaling_launches_one_and_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli_main(["bench", "scaling", "--model", "cifar_attention56", "--size", "32", "--batch-size", "2",
+                     "--steps", "2", "--warmup", "1", "--repeats", "1", "--procs", "1,2",
+                     "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("scaling_*.json")
+    records = json.loads(path.read_text())
+    assert [r["world_size"] for r in records] == [1, 2]
+    assert records[0]["scaling_efficiency"] == 1.0
+    two = records[1]
+    assert two["images_per_s_total"] == pytest.approx(2 * two["images_per_s"])
+    assert two["scaling_efficiency"] == pytest.approx(two["images_per_s"] / records[0]["images_per_s"])
+    rows = bench.read_csv(tmp_path / "results.csv")
+    assert [(r["mode"], r["world_size"]) for r in rows] == [("scaling", "1"), ("scaling", "2")]
+    assert rows[0]["command"] == ("OMP_NUM_THREADS=1 ran-bench bench scaling --model cifar_attention56 "
+                                  "--batch-size 2 --size 32 --precision fp32 --steps 2 --warmup 1 --repeats 1 "
+                                  "--procs 1,2")
 
 
 # ---------------------------------------------------------------------------------------------
