@@ -1,8 +1,9 @@
 """AttentionInception-56: Attention-56's stacked-attention layout built from Inception-ResNet units.
 
-The paper names the network (Table 7: 31.9 M parameters, 6.3 G multiply-adds, tested at 299) but
-gives no definition, and the authors released none. What it says is that the residual units of
-Attention-56 are replaced by Inception-ResNet units; everything else is chosen here:
+The paper builds it from Attention-56 with Inception units in place of the residual units
+(Table 7: 31.9 M parameters, 6.3 G multiply-adds, tested at 299) but gives no definition, and the
+authors released none. Everything beyond "Inception-ResNet units in Attention-56's layout" is
+chosen here:
 
 - Layout: exactly Attention-56's (`residual_attention.ResidualAttentionNet`, Table 2): the 7x7/2
   stem and max pool, one unit then one attention module (p, t, r = 1, 2, 1, masks pooling 3/2/1
@@ -16,8 +17,8 @@ Attention-56 are replaced by Inception-ResNet units; everything else is chosen h
 - Branch widths: the concatenated branches are 3/8 of the unit's width in every unit: A has three
   branches of width/8 (32 at 256 channels: Inception-ResNet-v1's own A unit), B and C two of
   3 * width/16 (192 at 1024, 384 at 2048). This one rule lands on the paper's parameter count
-  (31.88 M against 31.9 M) with 6.65 G multiply-adds at 224 (the paper prints 6.3 G, the same
-  figures as Attention-56's; narrower B/C units that meet 6.3 G would give 29.9 M parameters).
+  (31.87 M against 31.9 M) with 6.65 G multiply-adds at 224 (the paper prints 6.3 G, the same
+  figures as Attention-56's; B branches of 160 instead of 192 would give 6.32 G but 29.9 M).
 - Down-sampling units (the first unit of stages 2-4) put the stride on each branch's first
   spatial convolution (the 1x7 and 7x1, or 1x3 and 3x1, carry one axis each) and on the 1x1
   branch, with a strided 1x1 projection shortcut with BatchNorm, as in the post-activation
