@@ -1,0 +1,24 @@
+#!/bin/bash
+# Attention-56 on ImageNet, one node with 8 GPUs. Submit from the repository root:
+#   sbatch --export=ALL,DATA_ROOT=/data/imagenet slurm/ran56_8gpu.sh
+# Settings (environment or --export): DATA_ROOT, RUN_DIR (default runs/<job name>-<job id>;
+# give an existing run directory to continue it), OVERRIDES ("key=value ..." config overrides),
+# GPUS_PER_NODE; see slurm/common.sh. Before the time limit the job checkpoints and requeues
+# itself; the requeued job resumes from RUN_DIR. Log: ran56-<job id>.out in the submission folder.
+# CPU smoke test (demo data, 2 processes, gloo):
+#   SMOKE=1 sbatch --gres=none --wait slurm/ran56_8gpu.sh
+#SBATCH --job-name=ran56
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --exclusive
+#SBATCH --time=72:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+CONFIG=${CONFIG:-configs/attention56.yaml}
+LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/1node_8gpu.yaml}
+SMOKE_PROCS_PER_NODE=${SMOKE_PROCS_PER_NODE:-2}
+source "${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

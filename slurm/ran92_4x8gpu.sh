@@ -1,0 +1,27 @@
+#!/bin/bash
+# Attention-92 on ImageNet, 4 nodes x 8 GPUs (32 processes). Submit from the repository root:
+#   sbatch --export=ALL,DATA_ROOT=/data/imagenet slurm/ran92_4x8gpu.sh
+# Another node count: sbatch --nodes=2 ... (the global batch is the config's, kept by gradient
+# accumulation). One `accelerate launch` per node gets its machine rank, the main node's address
+# and a port from SLURM's environment (python -m ran_bench.slurm_env).
+# Settings (environment or --export): DATA_ROOT, RUN_DIR (default runs/<job name>-<job id>;
+# give an existing run directory to continue it), OVERRIDES ("key=value ..." config overrides),
+# GPUS_PER_NODE; see slurm/common.sh. Before the time limit the job checkpoints and requeues
+# itself; the requeued job resumes from RUN_DIR. Log: ran92x4-<job id>.out in the submission folder.
+# CPU smoke test on 2 nodes (demo data, 1 process per node, gloo):
+#   SMOKE=1 sbatch --nodes=2 --gres=none --wait slurm/ran92_4x8gpu.sh
+#SBATCH --job-name=ran92x4
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+CONFIG=${CONFIG:-configs/attention92.yaml}
+LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/multinode.yaml}
+SMOKE_PROCS_PER_NODE=${SMOKE_PROCS_PER_NODE:-1}
+source "${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
