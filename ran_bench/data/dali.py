@@ -205,18 +205,19 @@ class DaliLoader(LoaderBase):
         start = self._begin()
         checkpoint = self._skip_start(start)
         self._checkpoint = None
-        it = self._iterator(checkpoint)
+        it = None
         last_good = checkpoint
         while self._consumed < len(self):
             try:
+                if it is None:  # the iterator decodes its first batch when it is created
+                    it = self._iterator(last_good)
                 batch = next(it)[0]
             except StopIteration:
                 return
             except RuntimeError as e:
+                it = None
                 if not self._replace_bad_files(e):
                     raise
-                del it
-                it = self._iterator(last_good)
                 continue
             last_good = it.checkpoints()[0]
             self._consumed += 1
