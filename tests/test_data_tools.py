@@ -1,0 +1,112 @@
+"""`ran-bench data`: make-demo, verify and prepare-val through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ran_bench.cli import main
+from ran_bench.data import list_samples
+
+
+def _demo(out: Path, *extra: str) -> int:
+    return main(["data", "make-demo", str(out), "--classes", "3", "--train-per-class", "3",
+                 "--val-per-class", "2", "--min-side", "24", "--max-side", "40", *extra])
+
+
+def test_make_demo_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys):
+    assert _demo(tmp_path / "a") == 0
+    assert "wrote 9 train and 6 val images in 3 classes" in capsys.readouterr().out
+    assert _demo(tmp_path / "b") == 0
+    files_a, labels, classes = list_samples(tmp_path / "a", "train")
+    files_b, _, _ = list_samples(tmp_path / "b", "train")
+    assert classes == ["circle", "square", "triangle"] and labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [Path(f).read_bytes() for f in files_a] == [Path(f).read_bytes() for f in files_b]
+    assert _demo(tmp_path / "a") == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["data", "make-demo", str(tmp_path / "c"), "--seed", "1", "--classes", "3",
+                 "--train-per-class", "3", "--val-per-class", "2", "--min-side", "24", "--max-side", "40"]) == 0
+    assert Path(list_samples(tmp_path / "c", "train")[0][0]).read_bytes() != Path(files_a[0]).read_bytes()
+
+
+def test_verify_reports_every_odd_kind_and_passes(tmp_path, capsys):
+    assert _demo(tmp_path / "d", "--odd-files") == 0
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1", "--json", str(tmp_path / "v.json")]) == 0
+    out = capsys.readouterr().out
+    for kind, name in (("undecodable", "odd_truncated.JPEG"), ("grayscale", "odd_grayscale.JPEG"),
+                       ("cmyk", "odd_cmyk.JPEG"), ("wrong_format", "odd_png.JPEG"), ("non_image", "notes.txt")):
+        assert f"2 {kind}:" in out, kind  # one in train/circle, one in val/circle
+        assert str(tmp_path / "d" / "val" / "circle" / name) in out
+    assert "train: 13 images in 3 classes" in out  # 9 demo images + 4 odd image files
+    assert "usable for training" in out
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["images"]["val"] == {"circle": 6, "square": 2, "triangle": 2} and report["errors"] == []
+
+
+def test_verify_fails_on_problems_that_break_training(tmp_path, capsys):
+    assert _demo(tmp_path / "d") == 0
+    (tmp_path / "d" / "val" / "n99999999").mkdir()
+    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR: val has classes that train lacks" in out and "n99999999" in out
+    (tmp_path / "d" / "val" / "n99999999").rmdir()
+    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1", "--num-classes", "1000"]) == 1
+    assert "train has 3 classes, expected 1000" in capsys.readouterr().out
+    assert main(["data", "verify", str(tmp_path / "nowhere"), "--workers", "1"]) == 1
+
+
+def _flat_val(tmp_path: Path, n: int = 5) -> Path:
+    val = tmp_path / "val"
+    val.mkdir()
+    for i in range(1, n + 1):
+        (val / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(f"image {i}".encode())
+    return val
+
+
+def test_prepare_val_from_loc_csv_is_idempotent_and_never_overwrites(tmp_path, capsys):
+    val = _flat_val(tmp_path)
+    wnids = ["n01440764", "n01443537", "n01440764", "n01484850", "n01443537"]
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i:08d},{w} 1 2 3 4 {w} 5 6 7 8\n" for i, w in enumerate(wnids, 1)))
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(csv)]) == 0
+    assert "moved 5 images into 3 class folders, 0 already in place" in capsys.readouterr().out
+    for i, w in enumerate(wnids, 1):
+        assert (val / w / f"ILSVRC2012_val_{i:08d}.JPEG").read_bytes() == f"image {i}".encode()
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(csv)]) == 0
+    assert "moved 0 images into 3 class folders, 5 already in place" in capsys.readouterr().out
+    # a flat copy reappears next to the placed file: refuse, keep both
+    (val / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"other")
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(csv)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (val / wnids[0] / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"image 1"
+
+
+def test_prepare_val_from_devkit_ids_and_synsets(tmp_path, capsys):
+    val = _flat_val(tmp_path, 4)
+    gt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("2\n1\n2\n3\n")
+    synsets = tmp_path / "synsets.txt"  # devkit ID order is not sorted wnid order
+    synsets.write_text("1 n02119789\n2 n02100735\n3 n02110185\n")
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(gt), "--dry-run"]) == 2
+    assert "--synsets" in capsys.readouterr().err
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(gt), "--synsets", str(synsets)]) == 0
+    assert sorted(p.relative_to(val).as_posix() for p in val.rglob("*.JPEG")) == [
+        "n02100735/ILSVRC2012_val_00000001.JPEG", "n02100735/ILSVRC2012_val_00000003.JPEG",
+        "n02110185/ILSVRC2012_val_00000004.JPEG", "n02119789/ILSVRC2012_val_00000002.JPEG"]
+
+
+def test_prepare_val_rejects_a_sorted_synset_list(tmp_path, capsys):
+    val = _flat_val(tmp_path, 2)
+    gt = tmp_path / "gt.txt"
+    gt.write_text("1\n2\n")
+    synsets = tmp_path / "LOC_synset_mapping.txt"
+    synsets.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(gt), "--synsets", str(synsets)]) == 2
+    assert "sorted order" in capsys.readouterr().err
+    assert len(list(val.glob("*.JPEG"))) == 2  # nothing moved
+
+
