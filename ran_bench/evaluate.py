@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg, PartialState().device))
+    cpu = not torch.cuda.is_available()  # see ran_bench.train: CPU processes as MULTI_CPU (gloo)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, PartialState(cpu=cpu).device))
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     num_classes = int(ckpt["num_classes"])
     model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)

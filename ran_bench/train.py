@@ -90,7 +90,10 @@ def main(args: argparse.Namespace) -> int:
     stop_request = StopRequest()  # first, so a signal during set-up is not lost
     t_begin = time.perf_counter()
     cfg, run_dir = _config_and_run_dir(args)
-    state = PartialState()  # initialises torch.distributed under torchrun / accelerate launch
+    # cpu=True without CUDA: Accelerate then runs several CPU processes as MULTI_CPU (gloo) instead
+    # of treating each as an independent single process.
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)  # initialises torch.distributed under torchrun / accelerate launch
     try:
         accumulation = gradient_accumulation_steps(cfg, state.num_processes)
     except ConfigError as e:
@@ -99,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     mixed_precision = _mixed_precision(cfg, state.device)
     if cfg.log.tensorboard:
         _require_tensorboard()
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
                               log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main_process = accelerator.is_main_process
@@ -154,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
     # Resume from the newest good checkpoint (rank 0 chooses, so every rank loads the same file).
-    step, epoch, images_seen, elapsed_before = 0, 0, 0, 0.0
+    step, epoch, images_seen, elapsed_before, eval_due = 0, 0, 0, 0.0, False
     window = {"loss_sum": torch.zeros((), device=device), "micro_batches": 0}
     ckpt_dir = run_dir / "checkpoints"
     found = [None]
@@ -185,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
                         "reseeded, so the run is not bitwise the one it would have been", found,
                         ckpt["world_size"], world_size, epoch)
         log.info("resumed from %s at step %d (epoch %d)", found, step, epoch)
+        eval_due = ckpt.get("eval_due", False)
         del ckpt
     if main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -192,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     if cfg.log.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
 
-    def checkpoint() -> None:
+    def checkpoint(eval_due: bool = False) -> None:
         rank_state = {"rng": rng_state(), "data": train_loader.state_dict(),
                       "window": {"loss_sum": window["loss_sum"].detach().cpu().clone(),
                                  "micro_batches": window["micro_batches"]}}
@@ -207,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "ranks": ranks, "config": to_yaml(cfg),
+                "ranks": ranks, "config": to_yaml(cfg), "eval_due": eval_due,
             }, keep_last=cfg.checkpoint.keep_last)
             log.info("checkpoint %s", path)
         accelerator.wait_for_everyone()
@@ -229,6 +233,9 @@ def main(args: argparse.Namespace) -> int:
                                  f"eval/top5_err_{size}": result["top5_err"]}, step=step)
             out.append(result)
         return out
+
+    if eval_due:  # the evaluation of the step the previous segment was stopped at by a signal
+        run_evaluation(cfg.data.test_sizes)
 
     # The loop.
     stop_step = cfg.stop_step
@@ -285,7 +292,8 @@ def main(args: argparse.Namespace) -> int:
             flag = torch.tensor(float(stop_request.signum is not None), device=device)
             signalled = (accelerator.reduce(flag, "sum") if world_size > 1 else flag).item() > 0
             finished = step >= stop_step
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not finished and not signalled:
+            eval_due = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and not finished
+            if eval_due and not signalled:  # when signalled, the resumed run evaluates first
                 t0 = time.perf_counter()
                 run_evaluation(cfg.data.test_sizes)
                 model.train()
@@ -293,7 +301,7 @@ def main(args: argparse.Namespace) -> int:
                 excluded += time.perf_counter() - t0
             if step % cfg.checkpoint.every_steps == 0 or finished or signalled:
                 t0 = time.perf_counter()
-                checkpoint()
+                checkpoint(eval_due=eval_due and signalled)
                 t_window += time.perf_counter() - t0
                 excluded += time.perf_counter() - t0
             if finished or signalled:

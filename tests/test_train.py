@@ -1,0 +1,241 @@
+"""The trainer end to end, in 1 and 2 processes (torchrun, gloo on CPU), on a tiny image set.
+
+Few launches, several facts each (each launch pays seconds of start-up):
+- 1 process: uninterrupted run A1; run B1 stopped by SIGTERM (exit 75, loadable checkpoint),
+  resumed to the end: bitwise A1's weights and A1's metrics.
+- 2 processes: uninterrupted run A2; run B2 stopped by a SIGTERM to rank 1 only (both ranks stop
+  at the same step), resumed: bitwise A2's weights and metrics.
+- DDP equivalence: G2 (2 processes x 4 images) against A1 (1 process x 4 images x 2 accumulation
+  steps), the same global batch of 8 and the same samples per step. Both use the GroupNorm
+  variant of the tiny model: with BatchNorm the two runs normalise over different groups of 4
+  images (one process's micro-batches are not the ranks' shards), so their weights would differ
+  for a legitimate reason. The 2-process BN runs (A2, B2) cover BatchNorm buffers instead.
+- Exact evaluation: the validation set has 18 images, not a multiple of 2 processes x batch 4;
+  `ran-bench eval` of A2 in 1 process equals A2's 2-process evaluation, counts all 18 images, and
+  matches the error computed here image by image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, _free_port, run_torchrun
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+ENTRY = str(REPO / "tests" / "tiny_model.py")  # the ran-bench CLI with the tiny test model registered
+TIMING_KEYS = {"images_per_s", "data_wait_s", "time"}
+VAL_IMAGES = 18
+CONFIG = """
+model: {{name: test_tiny_net, options: {{norm: {norm}}}}}
+data: {{name: tiny, root: {root}, backend: torchvision, train_size: 32, test_sizes: [32], num_threads: 0}}
+optim: {{global_batch_size: 8, per_device_batch_size: 4, lr_per_256: 3.2}}
+schedule: {{reference_batch_size: 8, total_steps: 10, milestones: [7]}}
+checkpoint: {{every_steps: 4, keep_last: 2}}
+eval: {{every_steps: 5, batch_size: 4}}
+log: {{every_steps: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ran_bench.data.demo import make_demo
+
+    base = tmp_path_factory.mktemp("train")
+    # 6 classes x 8 = 48 training images (6 steps of 8 per epoch, so 10 steps cross an epoch),
+    # 6 x 3 = 18 validation images.
+    make_demo(base / "data", num_classes=6, train_per_class=8, val_per_class=3, min_side=36, max_side=48)
+    for norm in ("batch", "group"):
+        (base / f"{norm}.yaml").write_text(CONFIG.format(norm=norm, root=base / "data"))
+    return base
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO / "tests")}
+
+
+def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    return run_torchrun([ENTRY, *args], env={"PYTHONPATH": str(REPO / "tests")})
+
+
+def _wait_for_metrics(run_dir: Path, proc: subprocess.Popen, min_step: int) -> None:
+    """Block until the run has logged a training line at `min_step` or later."""
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended (exit {proc.returncode}) before step {min_step}\n{err[-6000:]}")
+        if path.is_file():
+            steps = [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
+            if any(s >= min_step for s in steps):
+                return
+        time.sleep(0.02)
+    pytest.fail("timed out waiting for the run to log")
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from ran_bench.checkpoint import list_checkpoints, load_checkpoint
+
+    newest = list_checkpoints(run_dir / "checkpoints")[-1]
+    state = load_checkpoint(newest)
+    assert state["step"] == 10, f"{newest}: the run did not reach its last step"
+    return state["model"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def run_a1(setup):
+    _python("train", "--config", str(setup / "group.yaml"), "--run-dir", str(setup / "A1"))
+    return setup / "A1"
+
+
+@pytest.fixture(scope="module")
+def run_a2(setup):
+    _torchrun("train", "--config", str(setup / "batch.yaml"), "--run-dir", str(setup / "A2"))
+    return setup / "A2"
+
+
+def test_one_process_sigterm_exits_75_and_resumes_bitwise(setup, run_a1):
+    from ran_bench.checkpoint import list_checkpoints, load_checkpoint
+    from ran_bench.train import REQUEUE_EXIT_CODE
+
+    run_dir = setup / "B1"
+    proc = subprocess.Popen([sys.executable, ENTRY, "train", "--config", str(setup / "group.yaml"),
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=REPO)
+    _wait_for_metrics(run_dir, proc, min_step=2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE == 75, err[-4000:]
+    newest = list_checkpoints(run_dir / "checkpoints")[-1]
+    stopped_at = load_checkpoint(newest)["step"]
+    assert 2 <= stopped_at < 10, "the signal should stop the run mid-way"
+    assert f"stopped by signal SIGTERM after step {stopped_at}" in err
+    assert not (run_dir / "results.json").exists()
+
+    # Starting again with only the run directory resumes and completes the run.
+    resumed = _python("train", "--run-dir", str(run_dir))
+    assert f"resumed from {newest} at step {stopped_at}" in resumed.stderr
+    _assert_bitwise_equal(_final_weights(run_dir), _final_weights(run_a1))
+    assert _metrics(run_dir) == _metrics(run_a1)
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 10
+
+
+def test_two_processes_stop_together_on_one_ranks_signal_and_resume_bitwise(setup, run_a2):
+    from ran_bench.checkpoint import list_checkpoints, load_checkpoint
+
+    run_dir = setup / "B2"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), ENTRY, "train",
+                             "--config", str(setup / "batch.yaml"), "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    _wait_for_metrics(run_dir, proc, min_step=2)
+    workers = {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RANK" in p.environ()}
+    assert sorted(workers) == [0, 1], "torchrun should have started 2 workers"
+    workers[1].send_signal(signal.SIGTERM)  # only rank 1 is signalled
+    _, err = proc.communicate(timeout=300)
+    newest = list_checkpoints(run_dir / "checkpoints")[-1]
+    stopped_at = load_checkpoint(newest)["step"]
+    assert 2 <= stopped_at < 10
+    # Rank 1 saw the signal, rank 0 learnt it from the all-reduce; both stopped after the same step.
+    assert f"[rank 1] WARNING stopped by signal SIGTERM after step {stopped_at}" in err, err[-4000:]
+    assert f"stopped by signal (on another rank) after step {stopped_at}" in (run_dir / "train.log").read_text()
+    assert "exitcode  : 75" in err  # torchrun's report of the workers' exit status
+
+    resumed = _torchrun("train", "--run-dir", str(run_dir))
+    assert f"resumed from {newest} at step {stopped_at}" in resumed.stderr
+    _assert_bitwise_equal(_final_weights(run_dir), _final_weights(run_a2))
+    assert _metrics(run_dir) == _metrics(run_a2)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(setup, run_a1):
+    run_dir = setup / "G2"
+    proc = _torchrun("train", "--config", str(setup / "group.yaml"), "--run-dir", str(run_dir))
+    assert "2 process(es) on cpu" in proc.stderr
+    assert "global batch 8 = 2 x 4 per device x 1 accumulation" in proc.stderr
+    assert "1 process(es)" in (run_a1 / "train.log").read_text()
+    assert "global batch 8 = 1 x 4 per device x 2 accumulation" in (run_a1 / "train.log").read_text()
+    one, two = _final_weights(run_a1), _final_weights(run_dir)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
+    # The same schedule: identical steps, epochs and learning rates, near-identical losses.
+    m1 = [m for m in _metrics(run_a1) if m["kind"] == "train"]
+    m2 = [m for m in _metrics(run_dir) if m["kind"] == "train"]
+    assert [(m["step"], m["epoch"], m["lr"]) for m in m1] == [(m["step"], m["epoch"], m["lr"]) for m in m2]
+    assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
+    # And training changed the weights (the comparison is not between two untouched models).
+    assert not torch.equal(one["fc.weight"], _initial_fc(setup))
+
+
+def _initial_fc(setup) -> torch.Tensor:
+    import tiny_model  # noqa: F401 - registers test_tiny_net
+    from accelerate.utils import set_seed
+
+    from ran_bench.models import create_model
+
+    set_seed(0)
+    return create_model("test_tiny_net", num_classes=6, norm="group").fc.weight.detach()
+
+
+def test_evaluation_is_exact_across_processes(setup, run_a2):
+    from ran_bench.checkpoint import list_checkpoints, load_checkpoint
+    from ran_bench.data import build_loader
+
+    two = json.loads((run_a2 / "results.json").read_text())["evaluations"]
+    assert [e["size"] for e in two] == [32]
+    assert two[0]["num_samples"] == VAL_IMAGES and VAL_IMAGES % (2 * 4) != 0
+
+    out = _python("eval", str(run_a2))  # 1 process
+    one = json.loads((run_a2 / "results.json").read_text())["evaluations"]
+    assert one[0]["num_samples"] == VAL_IMAGES
+    assert (one[0]["top1_err"], one[0]["top5_err"]) == (two[0]["top1_err"], two[0]["top5_err"]), out.stdout
+
+    # The same error image by image, with plain torch, from the final checkpoint's weights.
+    import tiny_model  # noqa: F401
+    from ran_bench.models import create_model
+
+    state = load_checkpoint(list_checkpoints(run_a2 / "checkpoints")[-1])
+    model = create_model("test_tiny_net", num_classes=6, norm="batch")
+    model.load_state_dict(state["model"])
+    model.eval()
+    wrong1 = wrong5 = n = 0
+    with torch.no_grad():
+        for images, labels in build_loader(setup / "data", "val", size=32, batch_size=5, backend="torchvision",
+                                           num_threads=0):
+            top5 = model(images).topk(5, dim=1).indices
+            wrong1 += int((top5[:, 0] != labels).sum())
+            wrong5 += int((top5 != labels[:, None]).all(dim=1).sum())
+            n += len(labels)
+    assert n == VAL_IMAGES
+    assert one[0]["top1_err"] == pytest.approx(100 * wrong1 / n, abs=1e-4)
+    assert one[0]["top5_err"] == pytest.approx(100 * wrong5 / n, abs=1e-4)
