@@ -120,7 +120,7 @@ def plot_masks(crop: np.ndarray, masks: list[Mask], path: str | Path, title: str
     panels = len(masks) + 1
     cols = min(4, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.5 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(crop)
@@ -136,7 +136,6 @@ def plot_masks(crop: np.ndarray, masks: list[Mask], path: str | Path, title: str
         titles.append(m.title)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return titles
@@ -191,13 +190,21 @@ def _num_classes(cfg, weights: dict, run_dir: Path) -> int:
     if results.is_file():
         return load_results(results).num_classes
     # The trainer counts the class folders of data.root/train when data.num_classes is unset.
-    from ran_bench.data import find_classes
-
-    if cfg.data.root and Path(cfg.data.root, "train").is_dir():
-        return len(find_classes(cfg.data.root))
+    names = _class_names(cfg)
+    if names:
+        return len(names)
     raise VisualizeError(f"{run_dir}: cannot tell the number of classes (data.num_classes is unset, "
                          "no results.json, data.root/train not found); pass data.num_classes through "
                          "--config")
+
+
+def _class_names(cfg) -> list[str]:
+    """Class folder names of the run's data set (sorted, as the loaders index them), if reachable."""
+    from ran_bench.data import find_classes
+
+    if cfg.data.root and Path(cfg.data.root, "train").is_dir():
+        return find_classes(cfg.data.root)
+    return []
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,10 +226,12 @@ def main(args: argparse.Namespace) -> int:
         with torch.no_grad():
             probs = model(image).softmax(-1)[0]
         top = int(probs.argmax())
+        names = _class_names(cfg)
+        label = names[top] if len(names) == len(probs) else f"class {top}"
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
         plot_masks(crop, masks, output, f"{cfg.model.name} ({checkpoint.name}), {Path(args.image).name} at "
-                                        f"{size}x{size}: predicted class {top} (p={float(probs[top]):.2f})")
+                                        f"{size}x{size}: predicted {label} (p={float(probs[top]):.2f})")
     except VisualizeError as e:
         print(f"ran-bench visualize: error: {e}", file=sys.stderr)
         return 2
