@@ -160,6 +160,7 @@ class DaliLoader(LoaderBase):
         if self.device.type == "cuda" and torch.cuda.is_available():
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._checkpoint: str | None = None  # DALI checkpoint of a pending resume
+        self._last_checkpoint: str | None = None  # after the last batch handed out
         self._placeholder: str | None = None
 
     # -- the epoch's file list and pipeline ------------------------------------------------------
@@ -219,9 +220,8 @@ class DaliLoader(LoaderBase):
                 if not self._replace_bad_files(e):
                     raise
                 continue
-            last_good = it.checkpoints()[0]
+            last_good = self._last_checkpoint = it.checkpoints()[0]
             self._consumed += 1
-            self._last_checkpoint = last_good
             yield self._to_torch(batch)
 
     def _to_torch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +262,7 @@ class DaliLoader(LoaderBase):
     # -- resumable state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        ckpt = getattr(self, "_last_checkpoint", None)
+        ckpt = self._last_checkpoint
         state["dali_checkpoint"] = ckpt if self._consumed > 0 and ckpt is not None else ""
         state["bad_files"] = list(self.bad_files)
         return state
@@ -270,7 +270,7 @@ class DaliLoader(LoaderBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         ckpt = state.get("dali_checkpoint") if state.get("backend") == self.backend else None
-        self._checkpoint = ckpt or None
+        self._checkpoint = self._last_checkpoint = ckpt or None
         for path in state.get("bad_files", []):
             if path in self.files and path not in self.bad_files:
                 if self._placeholder is None:
