@@ -71,8 +71,9 @@ def _paper_figures(name: str, dataset: str) -> dict:
     else:
         row = table7_row(name)
         if row is not None:
-            figures.update(paper_source="Table 7", paper_params=_scaled(row["params_m"], 1e6),
-                           paper_macs=_scaled(row["flops_g"], 1e9))
+            given = row["params_m"] is not None or row["flops_g"] is not None
+            figures.update(paper_source="Table 7" if given else "Table 7 (gives none)",
+                           paper_params=_scaled(row["params_m"], 1e6), paper_macs=_scaled(row["flops_g"], 1e9))
         released = released_definition(name)
         if released is not None:
             figures.update(released_params=int(released["params"]), released_macs=_scaled(released["macs_g"], 1e9))
@@ -189,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    known = list_models()
+    known = list_models("imagenet") + list_models("cifar")
     names = known if not args.models else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown:

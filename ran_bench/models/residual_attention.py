@@ -33,6 +33,17 @@ networks, so `create_model("cifar_attention56", attention="channel")` works):
 - `mask`: "encoder_decoder" (bottom-up top-down) or "local_conv" (the same units in the same
   order with the poolings and resizes removed, so the mask is computed at the trunk's resolution).
 
+CIFAR (32x32): the paper gives no layer table. These networks follow pre-activation ResNet-164:
+a 3x3 conv stem of 16 channels, stages of 64/128/256 channels (inner widths 16/32/64) at 32x32,
+16x16 and 8x8, each one unit then m attention modules, then three more units at 8x8 with 256
+channels, so the trunk depth is 36m + 20 as on ImageNet (m = 1, 2, 3, 4, 6 for 56 ... 236). The
+masks keep the ImageNet stages' depths, 3/2/1 poolings with 2/1/0 skips: as on ImageNet, every
+stage's mask bottoms out at one common size, 4x4 here (32 -> 4, 16 -> 4, 8 -> 4). Stopping at the
+smallest trunk map instead (8x8, as 7x7 is on ImageNet) would leave stage 3 with no down-sampling
+at all, so no encoder-decoder to compare with local convolutions (Table 4). Attention-452 takes p, t, r = 2, 4, 3 with m = 6 as given for it; note that with those
+values the 36m + 20 rule does not hold (its trunk has 9m(p + t + r) + 20 = 506 weighted layers),
+and it has 7.99 M parameters against Table 6's 8.6 M.
+
 Reuse with other residual units: every network here is a `ResidualAttentionNet` built from a list
 of `StageSpec`s, a stem module and a `unit` factory `unit(in_channels, out_channels, stride) ->
 nn.Module` (a residual unit whose output has `out_channels` channels and is `stride` times
@@ -42,7 +53,6 @@ smaller). AttentionInception-56 plugs in Inception-ResNet units that way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -112,19 +122,15 @@ class SpatialNormSigmoid(nn.Module):
 
 
 def _mask_activation(attention: str) -> nn.Module:
-    if attention == "mixed":
-        return nn.Sigmoid()
-    if attention == "channel":
-        return ChannelL2Norm()
-    if attention == "spatial":
-        return SpatialNormSigmoid()
-    raise ValueError(f"attention={attention!r} is not one of {', '.join(map(repr, ATTENTION_TYPES))} "
-                     "(mixed = sigmoid f1, channel = L2 norm over channels f2, spatial = standardise then sigmoid f3)")
+    return {"mixed": nn.Sigmoid, "channel": ChannelL2Norm, "spatial": SpatialNormSigmoid}[attention]()
 
 
 def _check_options(attention: str, residual_attention: bool, mask: str) -> None:
+    """Clear errors for the ablation options, naming the allowed values and what they mean."""
     if attention not in ATTENTION_TYPES:
-        _mask_activation(attention)  # raises the explanatory error
+        raise ValueError(f"attention={attention!r} is not one of {', '.join(map(repr, ATTENTION_TYPES))} "
+                         "(mixed = sigmoid f1, channel = L2 norm over channels f2, "
+                         "spatial = standardise each channel then sigmoid f3)")
     if not isinstance(residual_attention, bool):
         raise TypeError(f"residual_attention must be True (ARL, (1 + M) * T) or False (NAL, M * T), "
                         f"got {residual_attention!r}")
@@ -319,7 +325,6 @@ class ResidualAttentionNet(nn.Module):
         attention: str = "mixed",
         residual_attention: bool = True,
         mask: str = "encoder_decoder",
-        drop_rate: float = 0.0,
     ):
         super().__init__()
         _check_options(attention, residual_attention, mask)
@@ -337,7 +342,6 @@ class ResidualAttentionNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.norm = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True)) if preact_units else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
         self.num_features = in_ch
         init_weights(self)
@@ -347,7 +351,7 @@ class ResidualAttentionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.pool(self.forward_features(x)), 1)
-        return self.fc(self.drop(x))
+        return self.fc(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,12 +405,7 @@ def attentionnext92(num_classes: int = 1000, **kwargs) -> ResidualAttentionNet:
     return _attentionnext_net((1, 2, 3), num_classes, **kwargs)
 
 
-# CIFAR (Table 6). The paper gives no CIFAR layer table; this follows pre-activation ResNet-164:
-# a 3x3 conv stem of 16 channels, stages of 64/128/256 channels (inner widths 16/32/64) at
-# 32/16/8, each one unit then m attention modules, then 3 more units at 8x8, 256 channels, so the
-# trunk depth is 36m + 20 like the ImageNet networks. The masks keep the ImageNet stages' depths
-# 3/2/1: each mask bottoms out at 4x4 (32 -> 4, 16 -> 4, 8 -> 4), as the ImageNet masks all bottom
-# out at the network's smallest map.
+# CIFAR (Table 6): see the module docstring for the choices where the paper is silent.
 _CIFAR_WIDTHS = (64, 128, 256)
 
 
