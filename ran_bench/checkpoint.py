@@ -93,6 +93,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except Exception as e:  # noqa: BLE001 - truncation and corruption surface as many exception types
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: holds pickled Python objects, which ran-bench never loads "
+                                  "(torch.load weights_only=True); not a ran-bench checkpoint") from None
         raise CheckpointError(
             f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "it is truncated or corrupt (for example written by a job killed mid-write) or not a "

@@ -1,0 +1,75 @@
+"""Checkpoint files: atomic writes, last-K pruning, safe loading and fallback past a bad file."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ran_bench.checkpoint import (FORMAT, CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state,
+                                  save_checkpoint, set_rng_state)
+
+
+def _state(step: int) -> dict:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "ranks": [{"rng": rng_state(), "data": {"epoch": 1, "batches": 7, "backend": "torchvision"}}]}
+
+
+def test_round_trip_with_weights_only_and_last_k_kept(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, _state(step), keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030.pt", "step_00000040.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+    state = load_checkpoint(tmp_path / "step_00000040.pt")
+    assert state["step"] == 40 and state["format"] == FORMAT
+    assert state["ranks"][0]["data"] == {"epoch": 1, "batches": 7, "backend": "torchvision"}
+    assert set(state["optimizer"]["state"][0]) == {"momentum_buffer"}
+
+
+def test_truncated_newest_falls_back_to_the_previous_one_with_a_clear_message(tmp_path):
+    save_checkpoint(tmp_path, 1, _state(1), keep_last=3)
+    newest = save_checkpoint(tmp_path, 2, _state(2), keep_last=3)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a write cut short
+    warnings = []
+    path, state = load_latest(tmp_path, warn=warnings.append)
+    assert path.name == "step_00000001.pt" and state["step"] == 1
+    assert len(warnings) == 1
+    assert str(newest) in warnings[0] and "truncated or corrupt" in warnings[0]
+    assert "falling back to the previous checkpoint" in warnings[0]
+
+
+def test_foreign_and_unsafe_files_are_refused(tmp_path):
+    plain = tmp_path / "step_00000001.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)  # a torch file, but not ours
+    with pytest.raises(CheckpointError, match=r"step_00000001.pt: not a ran-bench checkpoint"):
+        load_checkpoint(plain)
+    # A pickled arbitrary object is never unpickled (weights_only=True).
+    unsafe = tmp_path / "step_00000002.pt"
+    torch.save({"format": FORMAT, "version": 1, "payload": _Payload()}, unsafe)
+    with pytest.raises(CheckpointError, match=r"step_00000002.pt: holds pickled Python objects, which ran-bench never loads"):
+        load_checkpoint(unsafe)
+    with pytest.raises(CheckpointError, match=r"(?s)no readable checkpoint in .*move the folder away"):
+        load_latest(tmp_path, warn=lambda m: None)
+    assert load_latest(tmp_path / "missing") is None  # a new run: nothing to resume
+
+
+class _Payload:
+    pass
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state
+    save_checkpoint(tmp_path, 5, {"rng": rng_state()}, keep_last=1)
+    expected = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(load_checkpoint(tmp_path / "step_00000005.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2:] == again[2:]

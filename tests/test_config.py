@@ -1,0 +1,98 @@
+"""Configs: the paper's recipe, the scaling rules, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ran_bench.config import ConfigError, gradient_accumulation_steps, load_config, lr_at, validate
+from ran_bench.paper import load_table
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("row", load_table("table7_imagenet"), ids=lambda r: r["model"])
+def test_table7_configs_reproduce_the_papers_recipe(row):
+    cfg = load_config(CONFIGS / f"{row['model']}.yaml")
+    assert cfg.model.name == row["model"]
+    assert row["test_size"] in cfg.data.test_sizes  # the size the table reports
+    assert cfg.data.train_size == (299 if row["test_size"] == 299 else 224)
+    o, s = cfg.optim, cfg.schedule
+    assert (o.lr_per_256, o.momentum, o.nesterov, o.weight_decay) == (0.1, 0.9, True, 1e-4)
+    assert (cfg.lr, cfg.total_steps, cfg.milestones) == (0.1, 530_000, [200_000, 400_000, 500_000])
+    assert (s.kind.name, s.warmup_steps, o.label_smoothing, o.global_batch_size) == ("step", 0, 0.0, 256)
+
+
+def test_lr_scales_linearly_and_milestones_rescale_with_the_global_batch():
+    cfg = load_config(CONFIGS / "attention92.yaml", ["optim.global_batch_size=1024"])
+    assert cfg.lr == pytest.approx(0.4)  # 0.1 per 256 images
+    assert cfg.total_steps == 132_500  # 530k iterations at 256 = the same images at 1024
+    assert cfg.milestones == [50_000, 100_000, 125_000]
+    assert lr_at(cfg, 0) == pytest.approx(0.4)
+    assert lr_at(cfg, 49_999) == pytest.approx(0.4)
+    assert lr_at(cfg, 50_000) == pytest.approx(0.04)
+    assert lr_at(cfg, 125_000) == pytest.approx(0.0004)
+
+
+def test_warmup_and_cosine_options():
+    cfg = load_config(CONFIGS / "attention56.yaml", ["optim.global_batch_size=512", "schedule.kind=cosine",
+                                                     "schedule.warmup_steps=10000"])
+    assert cfg.warmup_steps == 5000
+    assert lr_at(cfg, 0) == pytest.approx(0.2 / 5000)
+    assert lr_at(cfg, 4999) == pytest.approx(0.2)
+    assert lr_at(cfg, cfg.total_steps // 2 + 2500) == pytest.approx(0.1, rel=1e-3)  # half-way down the cosine
+    assert lr_at(cfg, cfg.total_steps) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradient_accumulation_keeps_the_global_batch():
+    cfg = load_config(CONFIGS / "attention92.yaml", ["data.root=/data/imagenet"])  # 256 = 8 GPUs x 32
+    assert gradient_accumulation_steps(cfg, 8) == 1
+    assert gradient_accumulation_steps(cfg, 4) == 2
+    assert gradient_accumulation_steps(cfg, 1) == 8
+    with pytest.raises(ConfigError, match=r"global_batch_size \(256\) must be a multiple of world size \(3\) x "
+                                          r"optim.per_device_batch_size \(32\)"):
+        gradient_accumulation_steps(cfg, 3)
+
+
+def test_unknown_key_names_the_file_the_key_path_and_the_valid_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name: attention56}\noptim: {lr: 0.05}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert str(path) in message and "'optim.lr'" in message
+    assert "lr_per_256" in message and "global_batch_size" in message  # the valid keys of optim
+
+
+def test_wrong_type_names_the_key_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name: attention56}\noptim: {global_batch_size: lots}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'optim.global_batch_size': Value 'lots'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"key 'data.test_sizes\[1\]'"):
+        load_config(CONFIGS / "attention92.yaml", ["data.test_sizes=[224,big]"])
+
+
+def test_invalid_choice_lists_the_valid_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "attention92.yaml", ["data.backend=pillow"])
+    assert "'data.backend'" in str(e.value) and "dali, torchvision, synthetic, auto" in str(e.value)
+    with pytest.raises(ConfigError, match=r"'precision'.*auto, fp32, bf16, fp16"):
+        load_config(CONFIGS / "attention92.yaml", ["precision=fp8"])
+
+
+def test_overrides_and_cross_field_errors():
+    cfg = load_config(CONFIGS / "attention92.yaml", ["data.root=/data/imagenet", "optim.lr_per_256=0.05"])
+    assert (cfg.data.root, cfg.lr) == ("/data/imagenet", 0.05)
+    with pytest.raises(ConfigError, match=r"override 'optim.lr_per_256' is not key=value"):
+        load_config(CONFIGS / "attention92.yaml", ["optim.lr_per_256"])
+    with pytest.raises(ConfigError, match=r"unknown model 'attention93'; known models: .*attention92"):
+        load_config(CONFIGS / "attention92.yaml", ["model.name=attention93"])
+    with pytest.raises(ConfigError, match=r"global_batch_size \(256\) must be a multiple of "
+                                          r"optim.per_device_batch_size \(48\)"):
+        load_config(CONFIGS / "attention92.yaml", ["optim.per_device_batch_size=48"])
+    with pytest.raises(ConfigError, match=r"data.root is not set"):
+        validate(load_config(CONFIGS / "attention92.yaml"), world_size=8)
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None)  # no model chosen
