@@ -318,14 +318,14 @@ def cifar_sections() -> list[Section]:
     t1 = Section(
         "Table 1: attention type (CIFAR-10, Attention-56)",
         "Mixed (f1, sigmoid), channel (f2, L2 normalisation over channels) and spatial (f3, "
-        "per-channel normalisation then sigmoid) attention; `model.attention` in the run's config.",
+        "per-channel normalisation then sigmoid) attention; `model.options.attention` in the run's config.",
         ["network", "attention"],
         [Entry([r["network"], r["attention"]], r["top1_err"], _cifar_match(r["model"], r["dataset"], attention=r["attention"]))
          for r in load_table("table1_attention_type")],
     )
     t3 = Section(
         "Table 3: attention residual learning (ARL) vs naive attention learning (NAL), CIFAR-10",
-        "ARL: (1 + M) * T; NAL: M * T; `model.residual_attention` true or false in the run's config.",
+        "ARL: (1 + M) * T; NAL: M * T; `model.options.residual_attention` true or false in the run's config.",
         ["network", "learning"],
         [Entry([r["network"], kind], r[f"{kind.lower()}_err"],
                _cifar_match(r["model"], r["dataset"], residual_attention=kind == "ARL"))
@@ -551,6 +551,13 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
              "(partial). Δ = measured − paper; error differences are in percentage points.", ""]
 
     table7, matched7 = _table7(runs)
+    cifar = any(r.dataset in ("cifar10", "cifar100") for r in runs)
+    sections = [(section, *_section_table(section, runs)) for section in cifar_sections()] if cifar else []
+    in_tables = {id(run) for _, run in matched7} | {id(r) for _, _, matched in sections for r in matched}
+    others = [r for r in runs if id(r) not in in_tables]
+    lines += [f"Runs: {len(matched7)} reproduce a Table 7 row, "
+              f"{len({id(r) for _, _, matched in sections for r in matched})} a CIFAR table row, "
+              f"{len(others)} match no paper row (listed under other runs, not compared with the paper).", ""]
     lines += ["## Table 7: ImageNet-1K, single-crop validation error", "",
               "Measured params and multiply-adds (MACs) are counted from the model by the run; the paper "
               "counts multiply-adds at 224x224 for every row, so a count at another size is shown with "
@@ -562,17 +569,13 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
               "Blue: the paper's Table 7 (rows with published params and FLOPs); orange crosses: "
               "measured runs, joined to their paper point by a dashed line.", ""]
 
-    in_tables = {id(run) for _, run in matched7}
-    if any(r.dataset in ("cifar10", "cifar100") for r in runs):
-        for section in cifar_sections():
-            table, matched = _section_table(section, runs)
-            in_tables.update(id(r) for r in matched)
+    if sections:
+        for section, table, _ in sections:
             lines += [f"## {section.title}", "", section.note, "", *table, ""]
         lines += ["Table 4 (mask structure): the paper reports the encoder-decoder (bottom-up top-down) "
                   "mask about 0.94 points better than local convolutions on CIFAR-10; runs with "
-                  "`model.mask: local_conv` are listed under other runs.", ""]
+                  "`model.options.mask: local_conv` are listed under other runs.", ""]
 
-    others = [r for r in runs if id(r) not in in_tables]
     if others:
         lines += ["## Other runs", "",
                   "Runs whose model, data set or options match no row of the paper's tables; "

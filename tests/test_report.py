@@ -158,7 +158,9 @@ def test_demo_run_goes_to_other_runs(tmp_path):
                    device_name="cpu", precision="fp32", wall_time_s=125.0, gpu_hours=0.0,
                    evaluations=[(64, 31.25, 3.5)], metrics=training_log(300, 64))
     out = report.write_report([run], tmp_path / "reports" / "demo.md")
-    tables = parse_tables(out.read_text())
+    text = out.read_text()
+    assert "Runs: 0 reproduce a Table 7 row, 0 a CIFAR table row, 1 match no paper row" in text
+    tables = parse_tables(text)
     other = table_with(tables, "why not in a paper table")["rows"]
     assert len(other) == 1
     assert (other[0]["run"], other[0]["data set"], other[0]["test size"], other[0]["top-1 err %"],
@@ -296,3 +298,13 @@ def test_cli_writes_the_report(tmp_path):
     assert main(["report", str(run), "-o", str(out)]) == 0
     assert (tmp_path / "rep" / "imagenet_table7.png").is_file()
     assert "| Attention-56 | 224 | 31.9 | 31.81 | -0.09 |" in out.read_text()
+
+
+def test_two_runs_of_one_network_get_one_row_each(tmp_path):
+    runs = [make_run(tmp_path / "a", "seed0", evaluations=[(224, 22.0, 6.0)]),
+            make_run(tmp_path / "b", "seed0", evaluations=[(224, 21.5, 5.8)])]
+    tables = parse_tables(report.write_report(runs, tmp_path / "r.md").read_text())
+    rows = [r for r in table_with(tables, "top-1 err % (paper)")["rows"] if r["Network"] == "Attention-56"]
+    # Same directory name: the labels take the parent folder to stay distinct.
+    assert [(r["run"], r["top-1 err % (measured)"], r["Δ top-1"]) for r in rows] == \
+        [("a/seed0", "22.00", "+0.24"), ("b/seed0", "21.50", "-0.26")]
