@@ -53,6 +53,7 @@ def run_bench(root: str | None = None, *, backends=("dali", "torchvision"), spli
               out_dir: Path | None = DEFAULT_OUT) -> dict[str, Any]:
     """Benchmark the backends on the same data; returns (and writes) the figures."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data_name = str(root) if root is not None else "generated: make_demo(seed=0), 333-500 px sides, quality 90"
     with tempfile.TemporaryDirectory(prefix="ran_bench_data_") as tmp:
         if root is None:
             from ran_bench.data.demo import make_demo
@@ -71,7 +72,7 @@ def run_bench(root: str | None = None, *, backends=("dali", "torchvision"), spli
         "benchmark": "data", "split": split, "size": size, "batch_size": batch_size, "num_threads": num_threads,
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
         or platform.machine(), "cpu_cores": len(os.sched_getaffinity(0)), "images": len(files),
-        "mean_file_kb": mean_bytes / 1024, "data_root": str(root), "results": results,
+        "mean_file_kb": mean_bytes / 1024, "data": data_name, "results": results,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine slows both backends
     }
