@@ -411,7 +411,7 @@ def _provenance(runs: list[Run]) -> list[str]:
 def _other_runs(runs: list[Run]) -> list[str]:
     table7_models = {r["model"] for r in load_table("table7_imagenet")}
     headers = ["run", "model", "data set", "options", "why not in a paper table", "params M",
-               "MACs G (at size)", "test size", "top-1 err %", "top-5 err %", "status"]
+               "MACs G (at size)", "test size", "top-1 err %", "top-5 err %", "chance top-1 err %", "status"]
     rows = []
     for run in runs:
         res = run.results
@@ -425,11 +425,12 @@ def _other_runs(runs: list[Run]) -> list[str]:
             why = "model, options or label noise match no CIFAR table row"
         base = [run.label, res.model, res.dataset, _options_text(run), why, f"{res.params / 1e6:.3g}",
                 f"{res.macs / 1e9:.3g} (at {res.macs_input_size})"]
+        chance = f"{100 * (1 - 1 / res.num_classes):.2f}"  # guessing uniformly among the classes
         evals = sorted(res.evaluations, key=lambda e: e.size)
         if not evals:
-            rows.append(base + [DASH, "not evaluated", "not evaluated", run.status])
+            rows.append(base + [DASH, "not evaluated", "not evaluated", chance, run.status])
         for ev in evals:
-            rows.append(base + [str(ev.size), f"{ev.top1_err:.2f}", f"{ev.top5_err:.2f}", run.status])
+            rows.append(base + [str(ev.size), f"{ev.top1_err:.2f}", f"{ev.top5_err:.2f}", chance, run.status])
     return markdown_table(headers, rows)
 
 

@@ -166,6 +166,7 @@ def test_demo_run_goes_to_other_runs(tmp_path):
     assert (other[0]["run"], other[0]["data set"], other[0]["test size"], other[0]["top-1 err %"],
             other[0]["top-5 err %"], other[0]["status"]) == ("demo", "demo", "64", "31.25", "3.50", "complete")
     assert other[0]["why not in a paper table"] == "trained on demo, not a data set of the paper's tables"
+    assert other[0]["chance top-1 err %"] == "90.00"  # 10 classes
     table7 = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
     assert all(r["run"] == "not run" for r in table7.values())
     prov = table_with(tables, "of the paper's schedule")["rows"][0]
