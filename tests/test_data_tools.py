@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from ran_bench.cli import main
 from ran_bench.data import list_samples

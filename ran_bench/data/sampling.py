@@ -12,7 +12,7 @@ differ by at most one.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
