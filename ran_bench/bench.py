@@ -7,7 +7,8 @@ Modes:
   the two limits. With `--overhead`, also a bare PyTorch loop and timm's benchmark recipe on the
   same pre-made batches, as ratios.
 - `infer`: forward passes of the model in eval mode under `torch.inference_mode`.
-- `data`: the input pipeline alone (`ran_bench.data.bench`).
+- `data`: the input pipeline alone (`ran_bench.data.bench`: timed epochs of the loader on
+  `--data-root`, or on generated ImageNet-sized JPEGs).
 - `scaling`: `train` under torchrun with 1, 2, ... processes: images/s per process and efficiency.
 - `readme`: regenerate `reports/bench/README.md` from `results.csv` (optionally adding the rows of
   other CSV files first, e.g. the ones `scripts/gpu_bench.sh` wrote on a GPU machine).
@@ -791,6 +792,12 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
     _add_flops(record, params=params, macs=macs, device=device, given_peak=args.peak_tflops)
 
     if args.data_root:
+        from ran_bench.data import find_classes
+
+        classes = len(find_classes(args.data_root, "train"))
+        if classes > num_classes:
+            raise BenchError(f"--data-root {args.data_root} has {classes} classes but {args.model} has "
+                             f"{num_classes} outputs; use a data root with at most {num_classes} classes")
         real = loader(args.data_root, args.backend)
         e2e = Timing(time_steps(trainer_step_fn(accelerator, run_model, optimizer, criterion, _endless(real)),
                                 device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats),
@@ -859,23 +866,35 @@ def run_infer(args: argparse.Namespace) -> BenchRecord:
 
 
 def run_data(args: argparse.Namespace) -> BenchRecord:
-    """The input pipeline alone: batches of the chosen backend delivered on the device."""
-    from ran_bench.data.bench import bench_loader
+    """The input pipeline alone, measured by `ran_bench.data.bench`: one untimed epoch, then
+    --repeats timed epochs (each epoch's start-up included, as in training), on --data-root or on
+    generated ImageNet-sized JPEGs."""
+    from ran_bench.data import default_num_threads
+    from ran_bench.data.bench import run_bench
 
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
               else torch.device("cpu"))
-    if args.backend != "synthetic" and not args.data_root:
-        raise BenchError(f"bench data with --backend {args.backend} needs --data-root (an ImageNet-layout "
-                         "folder; `ran-bench data` can generate one)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    threads = default_num_threads() if args.num_threads is None else args.num_threads
     reset_peak_memory(device)
-    result = bench_loader(args.data_root, size=args.size, batch_size=args.batch_size, backend=args.backend,
-                          num_threads=args.num_threads, channels_last=args.channels_last, device=device,
-                          steps=args.steps, warmup=args.warmup, repeats=args.repeats, sync=synchronize)
-    timing = Timing(list(result["step_time_s"]), args.batch_size)
-    record = _base_record(args, mode="data", size=args.size, precision=args.precision, world_size=1,
-                          timing=timing, backend=result["backend"], device=device)
-    record.data_root = str(args.data_root) if args.data_root else None
-    record.num_threads = result["num_threads"]
+    report = run_bench(str(args.data_root) if args.data_root else None, backends=(args.backend,), split="train",
+                       size=args.size, batch_size=args.batch_size, num_threads=threads, epochs=args.repeats,
+                       device=device.type, out_dir=None)
+    if not report["results"]:
+        raise BenchError("--backend dali: NVIDIA DALI is not installed (pip install ran-bench[dali]); "
+                         "or measure --backend torchvision")
+    result = report["results"][0]
+    # Seconds per batch of each timed epoch, so the record reads like the other modes'.
+    timing = Timing([args.batch_size / rate for rate in result["images_per_s_epochs"]], args.batch_size)
+    batches = result["images_per_epoch"] // args.batch_size
+    args.steps, args.warmup = batches, batches  # one epoch per repeat, one epoch of warm-up
+    record = _base_record(args, mode="data", size=args.size, precision="fp32", world_size=1, timing=timing,
+                          backend=result["backend"], device=device)
+    record.data_root = (str(args.data_root) if args.data_root else
+                        f"generated ({report['images']} JPEGs, {report['mean_file_kb']:.0f} kB mean)")
+    record.num_threads = threads
+    record.channels_last = False  # the loaders' NCHW output is what was measured
     record.peak_source = "no FLOPs: input pipeline only"
     return _fill_environment(record, device, command_line(args, 1))
 
@@ -942,6 +961,13 @@ def run_scaling(args: argparse.Namespace) -> list[BenchRecord]:
 
 def _figure_args(args: argparse.Namespace) -> list[str]:
     """The options that decide the figures, spelt out in full (resolved defaults included)."""
+    if args.mode == "data":
+        out = ["--backend", args.backend, "--batch-size", str(args.batch_size), "--size", str(args.size)]
+        if args.data_root:
+            out += ["--data-root", str(args.data_root)]
+        if args.num_threads is not None:
+            out += ["--num-threads", str(args.num_threads)]
+        return out + ["--repeats", str(args.repeats)]
     out = []
     if args.model:
         out += ["--model", args.model]
@@ -950,10 +976,8 @@ def _figure_args(args: argparse.Namespace) -> list[str]:
         out.append("--channels-last")
     if args.compile:
         out.append("--compile")
-    if args.mode == "data" or args.data_root:
-        out += ["--backend", args.backend]
     if args.data_root:
-        out += ["--data-root", str(args.data_root)]
+        out += ["--backend", args.backend, "--data-root", str(args.data_root)]
     if args.num_threads is not None:
         out += ["--num-threads", str(args.num_threads)]
     out += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
@@ -994,11 +1018,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dali falls back to torchvision when DALI is not installed")
     parser.add_argument("--data-root", type=Path,
                         help="ImageNet-layout folder (ROOT/train/<wnid>/*.JPEG): train also measures the "
-                             "end-to-end rate with the real loader and says which one limits")
+                             "end-to-end rate with the real loader and says which one limits; data reads "
+                             "it (default for data: generated ImageNet-sized JPEGs)")
     parser.add_argument("--num-threads", type=int, help="decoding threads (DALI) or workers (torchvision)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min-max (default 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats (data: timed epochs); median and min-max (default 3)")
     parser.add_argument("--peak-tflops", type=float,
                         help="peak TFLOP/s of one device for MFU (default: bf16/fp16 data-sheet peak by GPU name)")
     parser.add_argument("--overhead", action="store_true",

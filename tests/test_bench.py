@@ -220,6 +220,23 @@ def test_end_to_end_rate_with_a_real_loader_names_the_limit(tiny_model, tmp_path
     assert f"--backend torchvision --data-root {tmp_path / 'data'} --num-threads 0" in r["command"]
 
 
+def test_data_mode_times_whole_epochs_of_the_loader(tmp_path):
+    from ran_bench.data.demo import make_demo
+
+    make_demo(tmp_path / "data", train_per_class=3, val_per_class=1, num_classes=4, min_side=16, max_side=24)
+    out = tmp_path / "out"
+    assert cli_main(["bench", "data", "--backend", "torchvision", "--data-root", str(tmp_path / "data"),
+                     "--batch-size", "4", "--size", "8", "--num-threads", "0", "--repeats", "2",
+                     "--out-dir", str(out)]) == 0
+    (path,) = out.glob("data_*.json")
+    r = json.loads(path.read_text())
+    assert (r["mode"], r["backend"], r["num_threads"], r["macs"]) == ("data", "torchvision", 0, None)
+    assert r["steps"] == 3 and len(r["step_time_s"]) == 2  # 12 images = 3 batches per timed epoch, 2 epochs
+    assert r["command"].endswith(f"ran-bench bench data --backend torchvision --batch-size 4 --size 8 "
+                                 f"--data-root {tmp_path / 'data'} --num-threads 0 --repeats 2")
+    assert "## Input pipeline alone" in (out / "README.md").read_text()
+
+
 def test_loader_verdict():
     assert bench.loader_verdict(100.0, 50.0) == (0.5, "data loader")
     assert bench.loader_verdict(100.0, 95.0) == (0.95, "model")  # within the spread of repeats

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# GPU benchmark rows in one call (about 8 minutes on one H100): the Table 7 models' training step
+# in bf16 with channels_last, the overhead check, inference, the input pipeline (DALI GPU decoding
+# on generated JPEGs, torchvision beside it), the end-to-end rate with the loader, and
+# torch.compile for the models time allows. Every measurement appends a row to OUT_DIR/results.csv
+# and regenerates OUT_DIR/README.md; the log of everything is OUT_DIR/log.txt.
+#
+#   bash scripts/gpu_bench.sh OUT_DIR
+#
+# Needs: a CUDA GPU, a Python with torch, torchvision, timm, accelerate, omegaconf and pyyaml (and
+# nvidia-dali-cuda120/130 for the DALI rows; without it they are skipped and said so). ran-bench
+# is used from this checkout (PYTHONPATH), so no install is needed. No network is used.
+# Environment: PYTHON (default python3); JPEG_DIR (where the JPEGs are generated, default
+# /tmp/ran_bench_gpu_jpegs); BUDGET_S (default 480: the optional compile steps are skipped when
+# they would end after it); BATCH (images per step, default 128).
+# Afterwards, on the development machine:
+#   ran-bench bench readme --add OUT_DIR/results.csv    # adds the rows to reports/bench/ and its README
+set -uo pipefail
+
+OUT=${1:?usage: bash scripts/gpu_bench.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-480}
+BATCH=${BATCH:-128}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/log.txt"
+FAILED=()
+
+say() { echo "== $*" | tee -a "$LOG"; }
+
+# run SECONDS ARGS...: one `ran-bench bench` measurement, killed after SECONDS; a failure is
+# logged and the next measurement still runs.
+run() {
+  local limit=$1; shift
+  say "ran-bench bench $* (limit ${limit}s, ${SECONDS}s elapsed)"
+  timeout "$limit" "$PY" -m ran_bench bench "$@" --out-dir "$OUT" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    say "FAILED (exit $rc): ran-bench bench $*"
+    FAILED+=("$*")
+  fi
+}
+
+# time_left SECONDS: true while an optional step of about SECONDS still fits the budget.
+time_left() { [ $((SECONDS + $1)) -le "$BUDGET_S" ]; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
+"$PY" -c "import torch, timm, accelerate; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'timm', timm.__version__, 'accelerate', accelerate.__version__, 'GPU', torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()"; then
+  say "no CUDA device visible: this script records GPU rows only"; exit 1
+fi
+GPU_OPTS=(--precision bf16 --channels-last --batch-size "$BATCH" --steps 20 --warmup 10 --repeats 3)
+
+# 1. The training step of every Table 7 model (the paper's test size as the benchmark size).
+for model in attention56 attention92 attentionnext56 attention_inception56 resnet152 resnext101_32x4d \
+             resnet200 inception_resnet_v1 inception_resnet_v2; do
+  run 120 train --model "$model" "${GPU_OPTS[@]}"
+done
+
+# 2. Overhead of the trainer's step against a bare PyTorch loop and timm's benchmark recipe.
+run 150 train --model attention56 "${GPU_OPTS[@]}" --overhead
+
+# 3. Inference.
+for model in attention56 attention92; do
+  run 90 infer --model "$model" --precision bf16 --channels-last --batch-size 256 --steps 20 --warmup 10 --repeats 3
+done
+
+# 4. The input pipeline on generated JPEGs of ImageNet-like sizes (375-500 px sides).
+DATA=${JPEG_DIR:-${TMPDIR:-/tmp}/ran_bench_gpu_jpegs}
+if [ ! -d "$DATA/train" ]; then
+  say "generating JPEGs in $DATA"
+  "$PY" -m ran_bench data make-demo "$DATA" --classes 10 --train-per-class 256 --val-per-class 1 \
+    --min-side 375 --max-side 500 2>&1 | tee -a "$LOG"
+fi
+if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+  LOADER=dali
+  run 120 data --backend dali --data-root "$DATA" --size 224 --batch-size "$BATCH" --steps 10 --warmup 3 --repeats 3
+else
+  LOADER=torchvision
+  say "NVIDIA DALI is not installed in $PY: no DALI rows (pip install nvidia-dali-cuda120 or -cuda130)"
+fi
+run 120 data --backend torchvision --data-root "$DATA" --size 224 --batch-size "$BATCH" --steps 5 --warmup 2 --repeats 3
+# Is the loader the bottleneck? Model-only and end-to-end rate in one run.
+run 150 train --model attention56 "${GPU_OPTS[@]}" --data-root "$DATA" --backend "$LOADER"
+
+# 5. torch.compile (compilation is most of the time; optional steps stop at the budget).
+for model in attention56 attention92; do
+  if time_left 150; then
+    run 240 train --model "$model" "${GPU_OPTS[@]}" --compile
+  else
+    say "skipped (budget ${BUDGET_S}s): train --model $model --compile"
+  fi
+done
+
+say "done in ${SECONDS}s; rows in $OUT/results.csv, tables in $OUT/README.md"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  say "${#FAILED[@]} measurement(s) failed:"; printf '   %s\n' "${FAILED[@]}" | tee -a "$LOG"
+  exit 1
+fi
