@@ -5,11 +5,11 @@
 #   sbatch --export=ALL,DATA_ROOT=/data/imagenet,RUN_DIR=runs/ran92-a slurm/ran92_8gpu.sh
 #   DATA_ROOT         ImageNet root (train/ and val/ with class folders)      -> data.root
 #   RUN_DIR           run directory; an existing one is resumed               (runs/<job name>-<job id>)
-#   OVERRIDES         more config overrides, space-separated key=value words
+#   OVERRIDES         more config overrides, space-separated key=value words (applied last)
 #   GPUS_PER_NODE     processes per node                                      (SLURM_GPUS_ON_NODE)
 #   SMOKE=1           CPU smoke test: configs/demo.yaml on the demo data set (made in DATA_ROOT,
 #                     default data/demo, when missing), SMOKE_PROCS_PER_NODE CPU processes per
-#                     node, gloo; submit it without GPUs: sbatch --gres=none ...
+#                     node, gloo, 8 steps of 16 images; submit it without GPUs: sbatch --gres=none ...
 #
 # Flow: one task per node runs slurm/launch_node.sh, which starts `accelerate launch` with this
 # node's machine rank and the main node's address and port (python -m ran_bench.slurm_env);
@@ -41,6 +41,10 @@ fi
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   CONFIG=configs/demo.yaml
+  # A few small steps (the model of the demo config), checkpoints on the way, in-process loading.
+  SCRIPT_OVERRIDES="optim.global_batch_size=16 optim.per_device_batch_size=8 schedule.reference_batch_size=16
+    schedule.total_steps=8 schedule.warmup_steps=0 checkpoint.every_steps=2 log.every_steps=1 eval.batch_size=25
+    data.num_threads=0"
   DATA_ROOT=${DATA_ROOT:-$REPO/data/demo}
   GPUS_PER_NODE=${SMOKE_PROCS_PER_NODE:-2}
   export CUDA_VISIBLE_DEVICES=""  # CPU, gloo, even on a GPU node
@@ -59,7 +63,8 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-ran-bench}-$SLURM_JOB_ID}
 
 # Read by slurm/launch_node.sh in each task of the step.
 export PYTHON CONFIG LAUNCH_CONFIG RUN_DIR GPUS_PER_NODE
-export RAN_BENCH_OVERRIDES="data.root=$DATA_ROOT ${OVERRIDES:-}"
+RAN_BENCH_OVERRIDES=$(echo "data.root=$DATA_ROOT ${SCRIPT_OVERRIDES:-} ${OVERRIDES:-}" | tr -s ' \n' '  ')
+export RAN_BENCH_OVERRIDES
 # The launcher (torchrun's agent inside accelerate launch) forwards SIGUSR1 to the trainers and
 # gives them this long to write the checkpoint before it kills them.
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
