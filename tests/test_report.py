@@ -309,3 +309,46 @@ def test_two_runs_of_one_network_get_one_row_each(tmp_path):
     # Same directory name: the labels take the parent folder to stay distinct.
     assert [(r["run"], r["top-1 err % (measured)"], r["Δ top-1"]) for r in rows] == \
         [("a/seed0", "22.00", "+0.24"), ("b/seed0", "21.50", "-0.26")]
+
+
+@pytest.mark.slow
+def test_report_of_a_real_trainer_run(tmp_path):
+    """The trainer's own run directory (results.json, config.yaml, metrics.jsonl) reports as a
+    partial run on other data: the contract between `ran-bench train` and `ran-bench report`."""
+    import os
+    import subprocess
+    import sys
+
+    from ran_bench.data.demo import make_demo
+
+    repo = Path(__file__).resolve().parent.parent
+    make_demo(tmp_path / "data", num_classes=4, train_per_class=4, val_per_class=2, min_side=36, max_side=40)
+    (tmp_path / "c.yaml").write_text(f"""
+model: {{name: test_tiny_net, options: {{norm: group}}}}
+data: {{name: tiny, root: {tmp_path / 'data'}, backend: torchvision, num_threads: 0, train_size: 32, test_sizes: [32]}}
+optim: {{global_batch_size: 4, per_device_batch_size: 4}}
+schedule: {{reference_batch_size: 4, total_steps: 4, milestones: [3], max_steps: 3}}
+eval: {{every_steps: 2, batch_size: 4}}
+log: {{every_steps: 1}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo / "tests")}
+    proc = subprocess.run([sys.executable, str(repo / "tests" / "tiny_model.py"), "train", "--config",
+                           str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = report.load_run(tmp_path / "run")
+    assert [m["step"] for m in run.train_metrics] == [1, 2, 3] and [m["step"] for m in run.eval_metrics] == [2, 3]
+    assert run.non_default_options() == {"norm": "group"}
+
+    out = report.write_report([tmp_path / "run"], tmp_path / "reports" / "demo.md")
+    tables = parse_tables(out.read_text())
+    other = table_with(tables, "why not in a paper table")["rows"]
+    evaluation = run.results.evaluation(32)
+    assert [(r["run"], r["model"], r["options"], r["test size"], r["top-1 err %"], r["chance top-1 err %"],
+             r["status"]) for r in other] == \
+        [("run", "test_tiny_net", "norm=group", "32", f"{evaluation.top1_err:.2f}", "75.00", "partial")]
+    prov = table_with(tables, "of the paper's schedule")["rows"][0]
+    # 3 of 4 steps (schedule.max_steps stopped it), 8 validation images (4 classes x 2).
+    assert (prov["status"], prov["steps done / configured"], prov["evaluated (size: images)"]) == \
+        ("partial", "3 / 4 (75%)", "32: 8")
+    assert (out.parent / "demo_training.png").read_bytes()[:4] == b"\x89PNG"

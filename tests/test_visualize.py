@@ -91,6 +91,8 @@ def test_cli_writes_a_png(run_dir, image_file, tmp_path, capsys):
     assert main(["visualize", "--checkpoint", str(run), "--image", str(image_file), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
     assert "3 attention masks in 3 stages" in capsys.readouterr().out
+    # The input and one panel per module (3) in one row of 3 x 3.5 inch panels at 100 dpi.
+    assert Image.open(out).size == (1200, 350)
 
 
 def test_cli_errors_name_the_problem(run_dir, tmp_path, image_file, capsys):
