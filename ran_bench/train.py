@@ -8,9 +8,10 @@ then step until the schedule (or `schedule.max_steps`) ends, logging, evaluating
 checkpointing on the way.
 
 Preemption: SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption) sets a
-flag; after the current optimizer step all ranks agree to stop (an all-reduce of the flag, so
-they stop at the same step), write a checkpoint and exit with REQUEUE_EXIT_CODE. Starting the
-same command again resumes.
+flag; the ranks sum their flags after every optimizer step (an all-reduce, read one step later so
+that it never stalls the GPU), so all of them stop after the same step, at most one step after the
+signal; then they write a checkpoint and exit with REQUEUE_EXIT_CODE. Starting the same command
+again resumes.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ class StopRequest:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Train; 0 when the run reached its stop step, REQUEUE_EXIT_CODE after a signal, 2 on bad input."""
+    from ran_bench.checkpoint import CheckpointError
+    from ran_bench.data import DatasetLayoutError
+
+    try:
+        return _train(args)
+    except (ConfigError, DatasetLayoutError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm
@@ -94,11 +107,7 @@ def main(args: argparse.Namespace) -> int:
     # of treating each as an independent single process.
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)  # initialises torch.distributed under torchrun / accelerate launch
-    try:
-        accumulation = gradient_accumulation_steps(cfg, state.num_processes)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    accumulation = gradient_accumulation_steps(cfg, state.num_processes)
     mixed_precision = _mixed_precision(cfg, state.device)
     if cfg.log.tensorboard:
         _require_tensorboard()
@@ -247,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
                smoothing=0.1)
     t_segment, start_step, excluded = time.perf_counter(), step, 0.0  # excluded: evaluation, checkpoints
     t_window, images_window, data_wait = time.perf_counter(), 0, 0.0
-    signalled = False
+    signalled, votes = False, None
     while step < stop_step and not signalled:
         train_loader.set_epoch(epoch)
         batches = iter(train_loader)
@@ -289,8 +298,11 @@ def main(args: argparse.Namespace) -> int:
                 window["micro_batches"] = 0
                 t_window, images_window, data_wait = now, 0, 0.0
 
-            flag = torch.tensor(float(stop_request.signum is not None), device=device)
-            signalled = (accelerator.reduce(flag, "sum") if world_size > 1 else flag).item() > 0
+            # Stop when any rank was signalled before the previous step ended. Votes are summed over
+            # ranks and read one step later, so reading them never waits for the step just queued.
+            signalled = votes is not None and votes.item() > 0
+            vote = torch.tensor(float(stop_request.signum is not None), device=device)
+            votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote
             finished = step >= stop_step
             eval_due = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and not finished
             if eval_due and not signalled:  # when signalled, the resumed run evaluates first
