@@ -176,7 +176,11 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None) -> tupl
     if not isinstance(weights, dict):
         raise VisualizeError(f"{checkpoint}: holds no model state dict (key 'model')")
     model = create_model(cfg.model.name, num_classes=_num_classes(cfg, weights, run_dir), **cfg.model.options)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise VisualizeError(f"{checkpoint}: its weights do not fit {cfg.model.name} as {config} builds it "
+                             f"({str(e).splitlines()[0]}); is --config the checkpoint's run config?") from None
     return model.eval(), cfg, checkpoint
 
 

@@ -110,3 +110,7 @@ def test_cli_errors_name_the_problem(run_dir, tmp_path, image_file, capsys):
     (lone / "step_00000001.pt").write_bytes((run / "checkpoints" / "step_00000007.pt").read_bytes())
     assert main(["visualize", "--checkpoint", str(lone / "step_00000001.pt"), "--image", str(image_file)]) == 2
     assert f"{lone.parent / 'config.yaml'}: no config.yaml" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text((run / "config.yaml").read_text().replace("cifar_attention56", "cifar_attention92"))
+    assert main(["visualize", "--checkpoint", str(run), "--config", str(other), "--image", str(image_file)]) == 2
+    assert "its weights do not fit cifar_attention92" in capsys.readouterr().err
