@@ -31,6 +31,7 @@ from ran_bench.results import Results, ResultsError, load_results
 # The paper's schedules in images (iterations x batch), to say how much of them a run did.
 # ImageNet: 530k iterations at batch 256; CIFAR: 160k iterations at batch 64.
 PAPER_SCHEDULE_IMAGES = {"imagenet": 530_000 * 256, "cifar10": 160_000 * 64, "cifar100": 160_000 * 64}
+PAPER_DATASET_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
 IMAGENET_VAL_IMAGES = 50_000
 CIFAR_TEST_SIZE = 32
 
@@ -71,13 +72,16 @@ class Run:
 
     @property
     def dataset(self) -> str:
-        """Data set name normalised for matching: "imagenet", "cifar10", "cifar100" or as given."""
-        name = self.results.dataset.lower().replace("-", "").replace("_", "")
-        if name.startswith("imagenet") and self.results.num_classes == 1000:
-            return "imagenet"
-        if name in ("cifar10", "cifar100"):
-            return name
-        return self.results.dataset
+        """Data set name normalised for matching: "imagenet", "cifar10" or "cifar100" when the name
+        and the number of classes say so; otherwise the name as given, with the classes if the
+        name alone would pass for one of the paper's data sets (a 100-class ImageNet subset)."""
+        raw, classes = self.results.dataset, self.results.num_classes
+        name = raw.lower().replace("-", "").replace("_", "")
+        if name.startswith("imagenet"):
+            name = "imagenet"
+        if name in PAPER_DATASET_CLASSES:
+            return name if classes == PAPER_DATASET_CLASSES[name] else f"{raw} ({classes} classes)"
+        return raw
 
     @property
     def label_noise(self) -> float:
@@ -416,7 +420,7 @@ def _other_runs(runs: list[Run]) -> list[str]:
     for run in runs:
         res = run.results
         if run.dataset not in ("imagenet", "cifar10", "cifar100"):
-            why = f"trained on {res.dataset}, not a data set of the paper's tables"
+            why = f"trained on {run.dataset}, not a data set of the paper's tables"
         elif run.dataset == "imagenet" and run.model not in table7_models:
             why = "model is not in Table 7"
         elif run.dataset == "imagenet":

@@ -181,6 +181,12 @@ def test_table7_model_on_other_data_is_not_compared_with_the_paper(tmp_path):
     assert rows["Attention-56"]["top-1 err % (measured)"] == "not run"
     other = table_with(tables, "why not in a paper table")["rows"]
     assert other[0]["why not in a paper table"] == "trained on demo, not a data set of the paper's tables"
+    # An ImageNet subset is not ImageNet-1K, whatever the data set is called.
+    subset = make_run(tmp_path, "a56subset", num_classes=100, evaluations=[(224, 30.0, 10.0)])
+    tables = parse_tables(report.write_report([subset], tmp_path / "r.md").read_text())
+    assert {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}["Attention-56"]["run"] == "not run"
+    other = table_with(tables, "why not in a paper table")["rows"]
+    assert other[0]["why not in a paper table"] == "trained on imagenet (100 classes), not a data set of the paper's tables"
 
 
 def test_run_not_evaluated_at_the_rows_test_size(tmp_path):
