@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-log = logging.getLogger("ran_bench.evaluate")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -69,33 +65,39 @@ def sync_buffers(model: nn.Module) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Evaluate and record; 2 with a clear message for a bad path, checkpoint, config or data root."""
+    from ran_bench.checkpoint import CheckpointError
+    from ran_bench.config import ConfigError
+    from ran_bench.data import DatasetLayoutError
+
+    try:
+        return _evaluate_run(args)
+    except (CheckpointError, ConfigError, DatasetLayoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator, PartialState
 
     from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
-    from ran_bench.config import ConfigError, config_from_yaml
+    from ran_bench.config import config_from_yaml
     from ran_bench.data import build_loader
     from ran_bench.models import create_model
-    from ran_bench.results import ResultsError, load_results
-    from ran_bench.results import Evaluation
+    from ran_bench.results import Evaluation, ResultsError, load_results
     from ran_bench.train import _backend, _mixed_precision, _precision_name, build_results
 
     path = Path(args.path)
-    try:
-        if path.is_dir():
-            run_dir = path
-            latest = load_latest(path / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-            if latest is None:
-                print(f"error: {path / 'checkpoints'} has no checkpoint; is {path} a ran-bench run directory?",
-                      file=sys.stderr)
-                return 2
-            ckpt_path, ckpt = latest
-        else:
-            ckpt_path, ckpt = path, load_checkpoint(path)
-            run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        cfg = config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)", args.overrides)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if path.is_dir():
+        run_dir = path
+        latest = load_latest(path / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        if latest is None:
+            raise CheckpointError(f"{path / 'checkpoints'} has no checkpoint; is {path} a ran-bench run directory?")
+        ckpt_path, ckpt = latest
+    else:
+        ckpt_path, ckpt = path, load_checkpoint(path)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    cfg = config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)", args.overrides)
 
     cpu = not torch.cuda.is_available()  # see ran_bench.train: CPU processes as MULTI_CPU (gloo)
     accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, PartialState(cpu=cpu).device))

@@ -5,11 +5,12 @@ Few launches, several facts each (each launch pays seconds of start-up):
   resumed to the end: bitwise A1's weights and A1's metrics.
 - 2 processes: uninterrupted run A2; run B2 stopped by a SIGTERM to rank 1 only (both ranks stop
   at the same step), resumed: bitwise A2's weights and metrics.
-- DDP equivalence: G2 (2 processes x 4 images) against A1 (1 process x 4 images x 2 accumulation
-  steps), the same global batch of 8 and the same samples per step. Both use the GroupNorm
-  variant of the tiny model: with BatchNorm the two runs normalise over different groups of 4
-  images (one process's micro-batches are not the ranks' shards), so their weights would differ
-  for a legitimate reason. The 2-process BN runs (A2, B2) cover BatchNorm buffers instead.
+- DDP equivalence: G2 (2 processes x 24 images) against A1 (1 process x 24 images x 2
+  accumulation steps), a global batch of 48 = the whole training set, so both runs see the same
+  images at every step however the loader shards them. Both use the GroupNorm variant of the tiny
+  model: with BatchNorm, the statistics of 2 x 24 images split one way differ from those of the
+  other split, so the weights would differ for a legitimate reason. The 2-process BatchNorm runs
+  (A2, B2) cover BatchNorm buffers in checkpoints and evaluation instead.
 - Exact evaluation: the validation set has 18 images, not a multiple of 2 processes x batch 4;
   `ran-bench eval` of A2 in 1 process equals A2's 2-process evaluation, counts all 18 images, and
   matches the error computed here image by image.
@@ -36,15 +37,20 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ENTRY = str(REPO / "tests" / "tiny_model.py")  # the ran-bench CLI with the tiny test model registered
 TIMING_KEYS = {"images_per_s", "data_wait_s", "time"}
 VAL_IMAGES = 18
+# Global batch of 8 = 2 x 4 (BatchNorm runs, 10 steps crossing an epoch boundary) or of 48, the whole
+# training set, = 2 x 24 or 1 x 24 x 2 accumulation (GroupNorm runs, 8 steps): with full-batch
+# steps every run sees the same images at every step however the loader shards them over ranks.
 CONFIG = """
 model: {{name: test_tiny_net, options: {{norm: {norm}}}}}
-data: {{name: tiny, root: {root}, backend: torchvision, train_size: 32, test_sizes: [32], num_threads: 0}}
-optim: {{global_batch_size: 8, per_device_batch_size: 4, lr_per_256: 3.2}}
-schedule: {{reference_batch_size: 8, total_steps: 10, milestones: [7]}}
+data: {{name: tiny, root: {root}, backend: torchvision, train_size: 32, test_sizes: [32], num_threads: 0,
+        label_noise: {noise}}}
+optim: {{global_batch_size: {batch}, per_device_batch_size: {per_device}, lr_per_256: {lr_per_256}}}
+schedule: {{reference_batch_size: {batch}, total_steps: {steps}, milestones: [7]}}
 checkpoint: {{every_steps: 4, keep_last: 2}}
 eval: {{every_steps: 5, batch_size: 4}}
 log: {{every_steps: 2}}
 """
+STEPS = {"batch": 10, "group": 8}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,11 @@ def setup(tmp_path_factory):
     # 6 classes x 8 = 48 training images (6 steps of 8 per epoch, so 10 steps cross an epoch),
     # 6 x 3 = 18 validation images.
     make_demo(base / "data", num_classes=6, train_per_class=8, val_per_class=3, min_side=36, max_side=48)
-    for norm in ("batch", "group"):
-        (base / f"{norm}.yaml").write_text(CONFIG.format(norm=norm, root=base / "data"))
+    # The GroupNorm runs also train with label noise (the same noisy labels in 1 and 2 processes).
+    for norm, noise, batch, per_device in (("batch", 0.0, 8, 4), ("group", 0.25, 48, 24)):
+        (base / f"{norm}.yaml").write_text(CONFIG.format(
+            norm=norm, root=base / "data", noise=noise, batch=batch, per_device=per_device,
+            lr_per_256=0.1 * 256 / batch, steps=STEPS[norm]))  # learning rate 0.1
     return base
 
 
@@ -92,12 +101,12 @@ def _wait_for_metrics(run_dir: Path, proc: subprocess.Popen, min_step: int) -> N
     pytest.fail("timed out waiting for the run to log")
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _final_weights(run_dir: Path, steps: int) -> dict[str, torch.Tensor]:
     from ran_bench.checkpoint import list_checkpoints, load_checkpoint
 
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
     state = load_checkpoint(newest)
-    assert state["step"] == 10, f"{newest}: the run did not reach its last step"
+    assert state["step"] == steps, f"{newest}: the run did not reach its last step"
     return state["model"]
 
 
@@ -138,16 +147,16 @@ def test_one_process_sigterm_exits_75_and_resumes_bitwise(setup, run_a1):
     assert proc.returncode == REQUEUE_EXIT_CODE == 75, err[-4000:]
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
     stopped_at = load_checkpoint(newest)["step"]
-    assert 2 <= stopped_at < 10, "the signal should stop the run mid-way"
+    assert 2 <= stopped_at < 8, "the signal should stop the run mid-way"
     assert f"stopped by signal SIGTERM after step {stopped_at}" in err
     assert not (run_dir / "results.json").exists()
 
     # Starting again with only the run directory resumes and completes the run.
     resumed = _python("train", "--run-dir", str(run_dir))
     assert f"resumed from {newest} at step {stopped_at}" in resumed.stderr
-    _assert_bitwise_equal(_final_weights(run_dir), _final_weights(run_a1))
+    _assert_bitwise_equal(_final_weights(run_dir, 8), _final_weights(run_a1, 8))
     assert _metrics(run_dir) == _metrics(run_a1)
-    assert json.loads((run_dir / "results.json").read_text())["steps"] == 10
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 8
 
 
 def test_two_processes_stop_together_on_one_ranks_signal_and_resume_bitwise(setup, run_a2):
@@ -174,7 +183,7 @@ def test_two_processes_stop_together_on_one_ranks_signal_and_resume_bitwise(setu
 
     resumed = _torchrun("train", "--run-dir", str(run_dir))
     assert f"resumed from {newest} at step {stopped_at}" in resumed.stderr
-    _assert_bitwise_equal(_final_weights(run_dir), _final_weights(run_a2))
+    _assert_bitwise_equal(_final_weights(run_dir, 10), _final_weights(run_a2, 10))
     assert _metrics(run_dir) == _metrics(run_a2)
 
 
@@ -182,10 +191,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(setup, run_a1):
     run_dir = setup / "G2"
     proc = _torchrun("train", "--config", str(setup / "group.yaml"), "--run-dir", str(run_dir))
     assert "2 process(es) on cpu" in proc.stderr
-    assert "global batch 8 = 2 x 4 per device x 1 accumulation" in proc.stderr
+    assert "global batch 48 = 2 x 24 per device x 1 accumulation" in proc.stderr
     assert "1 process(es)" in (run_a1 / "train.log").read_text()
-    assert "global batch 8 = 1 x 4 per device x 2 accumulation" in (run_a1 / "train.log").read_text()
-    one, two = _final_weights(run_a1), _final_weights(run_dir)
+    assert "global batch 48 = 1 x 24 per device x 2 accumulation" in (run_a1 / "train.log").read_text()
+    one, two = _final_weights(run_a1, 8), _final_weights(run_dir, 8)
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{key} differs")
     # The same schedule: identical steps, epochs and learning rates, near-identical losses.
@@ -195,6 +204,19 @@ def test_two_processes_train_like_one_with_the_same_global_batch(setup, run_a1):
     assert [m["loss"] for m in m1] == pytest.approx([m["loss"] for m in m2], rel=1e-4)
     # And training changed the weights (the comparison is not between two untouched models).
     assert not torch.equal(one["fc.weight"], _initial_fc(setup))
+
+
+def test_label_noise_changes_a_quarter_of_the_labels_to_other_classes(setup, run_a1):
+    from ran_bench.data import list_samples
+
+    _, labels, _ = list_samples(setup / "data", "train")
+    record = json.loads((run_a1 / "label_noise.json").read_text())
+    changes = record["changes_index_from_to"]
+    assert (record["fraction"], record["seed"], record["num_samples"]) == (0.25, 0, 48)
+    assert record["num_changed"] == len(changes) == 12  # round(0.25 x 48)
+    assert len({i for i, _, _ in changes}) == 12
+    assert all(labels[i] == old != new and 0 <= new < 6 for i, old, new in changes)
+    assert json.loads((run_a1 / "results.json").read_text())["label_noise"] == 0.25
 
 
 def _initial_fc(setup) -> torch.Tensor:
@@ -211,7 +233,14 @@ def test_evaluation_is_exact_across_processes(setup, run_a2):
     from ran_bench.checkpoint import list_checkpoints, load_checkpoint
     from ran_bench.data import build_loader
 
-    two = json.loads((run_a2 / "results.json").read_text())["evaluations"]
+    results = json.loads((run_a2 / "results.json").read_text())
+    assert (results["model"], results["world_size"], results["device_type"], results["precision"]) == \
+        ("test_tiny_net", 2, "cpu", "fp32")
+    assert (results["steps"], results["total_steps"], results["images_seen"], results["epochs"]) == (10, 10, 80, 80 / 48)
+    # conv 3x8x3x3 + BN 2x8 + conv 8x16x3x3 + BN 2x16 + FC 16x6+6; MACs at 32 px: 32x32x216 + 16x16x1152 + 96
+    assert (results["params"], results["macs"], results["macs_input_size"]) == (1518, 516_192, 32)
+    assert results["gpu_hours"] == 0 and results["wall_time_s"] > 0 and not (run_a2 / "label_noise.json").exists()
+    two = results["evaluations"]
     assert [e["size"] for e in two] == [32]
     assert two[0]["num_samples"] == VAL_IMAGES and VAL_IMAGES % (2 * 4) != 0
 
