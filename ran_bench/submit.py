@@ -95,6 +95,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.cpu = cpu
         self._child: subprocess.Popen | None = None
         self._got_term = False
+        self._requeueing = False  # set by checkpoint(): submitit is requeueing this job
 
     def __getstate__(self) -> dict[str, Any]:  # what submitit pickles, also on requeue
         return {"command": self.command, "run_dir": self.run_dir, "cpu": self.cpu}
@@ -141,6 +142,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on task 0 at its pre-timeout or preemption signal: stop the trainer
         at a checkpoint, then resubmit this same callable (it resumes from the run directory)."""
+        self._requeueing = True  # the SIGTERM that `scontrol requeue` brings is expected now
         child = self._child
         if child is not None and child.poll() is None:
             print(f"[ran-bench submit] asking the trainer to checkpoint and stop (up to {STOP_TIMEOUT_S} s)",
@@ -163,7 +165,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def _on_term(self, signum, frame) -> None:
         self._got_term = True
-        if self._child is not None and self._child.poll() is not None:
+        if not self._requeueing and self._child is not None and self._child.poll() is not None:
             raise SystemExit(REQUEUE_EXIT_CODE)  # nothing left to wait for
 
 

@@ -58,7 +58,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
 [ -n "$GPUS_PER_NODE" ] \
   || _die "no GPUs allocated (SLURM_GPUS_ON_NODE is unset): request them with --gres=gpu:N, set GPUS_PER_NODE, or run a CPU smoke test with SMOKE=1"
 RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-ran-bench}-$SLURM_JOB_ID}
-[ -n "${DATA_ROOT:-}" ] || _die "DATA_ROOT is not set: sbatch --export=ALL,DATA_ROOT=/path/to/imagenet $0"
+[ -n "${DATA_ROOT:-}" ] || _die "DATA_ROOT is not set: sbatch --export=ALL,DATA_ROOT=/path/to/imagenet slurm/<script>.sh"
 [ -f "$CONFIG" ] || _die "config $CONFIG not found in $REPO"
 
 # Read by slurm/launch_node.sh in each task of the step.

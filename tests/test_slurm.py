@@ -1,0 +1,221 @@
+"""The cluster launchers on a real SLURM cluster (CI starts one with slurm/ci/start-slurm.sh, NODES=2).
+
+Smoke jobs of the real scripts and of `ran-bench submit`: the demo config on a tiny demo data set,
+2 CPU processes (gloo), 8 optimizer steps with a checkpoint every 2 (the SMOKE=1 settings of
+slurm/common.sh; the submit jobs get the same overrides). Facts checked:
+- `sbatch --wait slurm/ran92_8gpu.sh` exits 0 and leaves a complete results.json of world size 2;
+- a job requeued mid-run (`scontrol requeue`) comes back, resumes from its checkpoint and ends with
+  bitwise the weights of the uninterrupted job;
+- the multi-node script on 2 nodes (1 process per node) trains with world size 2, one launcher on
+  SLURM node 0 and one on node 1;
+- `ran-bench submit` runs 2 tasks as 2 ranks to the end; interrupted through submitit's preemption
+  path (`job._interrupt()`), the job requeues itself, resumes and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SMOKE_OVERRIDES = ["optim.global_batch_size=16", "optim.per_device_batch_size=8", "schedule.reference_batch_size=16",
+                   "schedule.total_steps=8", "schedule.warmup_steps=0", "checkpoint.every_steps=2",
+                   "log.every_steps=1", "eval.batch_size=25", "data.num_threads=0"]
+STEPS = 8
+JOB_TIMEOUT_S = 600
+
+
+def _no_cluster_reason() -> str | None:
+    start = ("start one: P=/tmp/ran-bench-slurm NODES=2 bash slurm/ci/start-slurm.sh; "
+             "export SLURM_CONF=/tmp/ran-bench-slurm/etc/slurm.conf")
+    if not os.environ.get("SLURM_CONF"):
+        return f"no SLURM cluster: SLURM_CONF is not set ({start})"
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return f"no SLURM cluster: sinfo/sbatch are not installed ({start})"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "no SLURM cluster: sinfo timed out"
+    if out.returncode != 0:
+        return f"no SLURM cluster: sinfo failed: {out.stderr.strip()}"
+    return None
+
+
+_REASON = _no_cluster_reason()
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+
+def _num_idle_capable_nodes() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30)
+    return len(set(out.stdout.split()))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from ran_bench.data.demo import make_demo
+
+    base = tmp_path_factory.mktemp("slurm")
+    # 4 classes x 16 = 64 training images: 4 steps of 16 per epoch; 20 validation images.
+    make_demo(base / "data", num_classes=4, train_per_class=16, val_per_class=5, min_side=36, max_side=48)
+    return base
+
+
+def _job_env(data: Path, run_dir: Path, overrides: str = "") -> dict:
+    return {**os.environ, "SMOKE": "1", "DATA_ROOT": str(data), "RUN_DIR": str(run_dir), "OVERRIDES": overrides,
+            "OMP_NUM_THREADS": "1"}
+
+
+def _sbatch(script: str, env: dict, log_dir: Path, *options: str, wait: bool = True):
+    """Submit a smoke job of `script` (no GPUs); with wait, return (exit code, job id, log text)."""
+    cmd = ["sbatch", "--gres=none", f"--output={log_dir}/%x-%j.out", *options]
+    if wait:
+        proc = subprocess.run([*cmd, "--wait", script], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=JOB_TIMEOUT_S)
+        job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+        return proc.returncode, job_id, _log(log_dir, job_id)
+    proc = subprocess.Popen([*cmd, "--wait", script], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout.readline()).group(1)
+    return proc, job_id
+
+
+def _log(log_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text() for p in log_dir.glob(f"*-{job_id}.out"))
+
+
+def _wait_for(path: Path, what: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what} ({path})")
+        time.sleep(0.25)
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / f"step_{STEPS:08d}.pt", map_location="cpu",
+                      weights_only=False)["model"]
+
+
+def _assert_same_weights(run_dir: Path, reference: Path) -> None:
+    a, b = _final_weights(run_dir), _final_weights(reference)
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{run_dir} and the uninterrupted {reference} differ in {differing[:5]}"
+
+
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x["step"] for x in lines if x["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference(demo) -> Path:
+    """An uninterrupted `sbatch --wait slurm/ran92_8gpu.sh` smoke job; its run directory."""
+    run_dir = demo / "runs" / "uninterrupted"
+    rc, job_id, log = _sbatch("slurm/ran92_8gpu.sh", _job_env(demo / "data", run_dir), demo)
+    assert rc == 0, f"job {job_id} exited {rc}:\n{log[-5000:]}"
+    return run_dir
+
+
+def test_sbatch_single_node_smoke(reference):
+    results = _results(reference)
+    assert results["world_size"] == 2
+    assert results["steps"] == results["total_steps"] == STEPS
+    assert results["evaluations"][0]["num_samples"] == 20
+    assert _train_steps(reference) == list(range(1, STEPS + 1))
+
+
+def test_requeued_job_resumes_with_the_same_weights(demo, reference):
+    run_dir = demo / "runs" / "requeued"
+    proc, job_id = _sbatch("slurm/ran92_8gpu.sh", _job_env(demo / "data", run_dir), demo, wait=False)
+    try:
+        _wait_for(run_dir / "checkpoints" / "step_00000002.pt", "the first checkpoint")
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", job_id], timeout=30)
+            proc.kill()
+    log = _log(demo, job_id)
+    assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
+    assert f"job {job_id} attempt 2] start" in log, log[-3000:]
+    resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", (run_dir / "train.log").read_text())
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, resumed
+    assert _results(run_dir)["steps"] == STEPS
+    assert _train_steps(run_dir) == list(range(1, STEPS + 1))
+    _assert_same_weights(run_dir, reference)
+
+
+def test_multinode_script_spans_two_nodes(demo):
+    if _num_idle_capable_nodes() < 2:
+        pytest.skip("the cluster has one node; start it with NODES=2")
+    run_dir = demo / "runs" / "two-nodes"
+    rc, job_id, log = _sbatch("slurm/ran92_4x8gpu.sh", _job_env(demo / "data", run_dir), demo, "--nodes=2")
+    assert rc == 0, f"job {job_id} exited {rc}:\n{log[-5000:]}"
+    launchers = re.findall(r"\[ran-bench node (\d+)/(\d+) (\S+)\] main (\S+):(\d+), 1 process", log)
+    assert sorted((rank, total) for rank, total, *_ in launchers) == [("0", "2"), ("1", "2")], log[-3000:]
+    assert len({name for _, _, name, _, _ in launchers}) == 2  # two SLURM nodes
+    assert len({(addr, port) for *_, addr, port in launchers}) == 1  # one rendezvous point
+    results = _results(run_dir)
+    assert results["world_size"] == 2 and results["steps"] == STEPS
+
+
+def _submit(demo: Path, run_dir: Path, capsys) -> "submitit.SlurmJob":  # noqa: F821
+    import submitit
+
+    from ran_bench.cli import main as cli
+
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--nodes", "1", "--gpus-per-node", "0",
+              "--tasks-per-node", "2", "--time", "30", "--run-dir", str(run_dir),
+              f"data.root={demo / 'data'}", *SMOKE_OVERRIDES])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    assert f"{run_dir}/submitit/{job_id}_0_log.out" in out  # where to look
+    return submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=(0, 1))
+
+
+def test_submit_runs_two_ranks_to_the_end(demo, reference, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(REPO)
+    run_dir = demo / "runs" / "submitted"
+    job = _submit(demo, run_dir, capsys)
+    outputs = job.results()  # waits; raises if a task failed
+    assert outputs[0]["world_size"] == 2 and outputs[0]["steps"] == STEPS and outputs[1] is None
+    assert _results(run_dir)["world_size"] == 2
+    assert (run_dir / "submitit" / f"{job.job_id}_1_log.out").is_file()
+
+
+def test_submit_preempted_job_requeues_resumes_and_completes(demo, reference, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(REPO)
+    run_dir = demo / "runs" / "preempted"
+    job = _submit(demo, run_dir, capsys)
+    try:
+        _wait_for(run_dir / "checkpoints" / "step_00000002.pt", "the first checkpoint")
+        job._interrupt()  # submitit's preemption: SIGTERM, then its USR2
+        outputs = job.results()
+    finally:
+        if not job.done():
+            job.cancel()
+    assert outputs[0]["steps"] == STEPS and outputs[0]["world_size"] == 2
+    resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", (run_dir / "train.log").read_text())
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, resumed
+    task0_log = "".join((run_dir / "submitit" / f"{job.job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
+    for line in ["this job is preempted", "trainer exit status 75; requeueing", f"Requeued job {job.job_id}",
+                 "rank 0 of 2, main ", "attempt 2"]:
+        assert line in task0_log, f"{line!r} not in:\n{task0_log[-3000:]}"
+    _assert_same_weights(run_dir, reference)
