@@ -545,14 +545,6 @@ def build_model(name: str, size: int, device: torch.device, *, channels_last: bo
     return model, count_params(model), count_macs(model, size)
 
 
-def num_classes_of(model: nn.Module) -> int:
-    """Classes of a classifier, from the output width of a one-image forward pass's last Linear."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to take num_classes from")
-    return last[-1].out_features
-
-
 def make_batches(n: int, *, batch_size: int, size: int, num_classes: int, device: torch.device,
                  channels_last: bool, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`n` different random (images, labels) batches made once on `device`: the same inputs for
@@ -754,6 +746,7 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
     from accelerate import Accelerator
 
     from ran_bench.data import build_loader
+    from ran_bench.models import model_info
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = _precision(args)
@@ -771,7 +764,7 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
         torch.backends.cudnn.benchmark = True
     size = _size(args)
     model, params, macs = build_model(args.model, size, device, channels_last=args.channels_last)
-    num_classes = num_classes_of(model)
+    num_classes = model_info(args.model).default_num_classes
     initial = copy.deepcopy(model) if args.overhead else None
     criterion, optimizer = trainer_parts(model)
     run_model = torch.compile(model) if args.compile else model
@@ -835,6 +828,7 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
 def run_infer(args: argparse.Namespace) -> BenchRecord:
     """Forward passes in eval mode under inference_mode and the precision's autocast."""
     from ran_bench.data import build_loader
+    from ran_bench.models import model_info
 
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
               else torch.device("cpu"))
@@ -849,7 +843,7 @@ def run_infer(args: argparse.Namespace) -> BenchRecord:
     run_model = torch.compile(model) if args.compile else model
     batches = _endless(build_loader(None, "train", size=size, batch_size=args.batch_size, backend="synthetic",
                                     channels_last=args.channels_last, device=device,
-                                    num_classes=num_classes_of(model)))
+                                    num_classes=model_info(args.model).default_num_classes))
 
     def step() -> torch.Tensor:
         images, _ = next(batches)
