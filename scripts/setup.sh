@@ -10,5 +10,9 @@ fi
 # pip >= 23.1 is needed for constraints to apply in build isolation; quiet unless it fails.
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements-lock.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+# setuptools prints pages of deprecation notes while building the editable wheel; show them only on failure.
+if ! log=$(.venv/bin/python -m pip install -q --no-deps -e . 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi
 .venv/bin/ran-bench --version
