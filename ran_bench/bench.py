@@ -310,6 +310,7 @@ class BenchRecord:
     timm_version: str = ""
     accelerate_version: str = ""
     python_version: str = ""
+    load_average_1min: float | None = None  # other work on the machine at the end of the run
     git_commit: str = ""
     time_utc: str = ""
     command: str = ""
@@ -324,6 +325,7 @@ def _fill_environment(record: BenchRecord, device: torch.device, command: str) -
     record.device_name = device_name(device)
     for key, value in software_versions(device).items():
         setattr(record, key, value)
+    record.load_average_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     record.git_commit = git_commit()
     record.time_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     record.command = command
@@ -355,36 +357,33 @@ def _csv_value(value: Any) -> str:
 
 
 def append_csv(records: Sequence[BenchRecord], csv_path: Path) -> None:
-    """Append rows to `csv_path`, writing the header when the file is new."""
+    """Append rows to `csv_path` (written atomically, with the header). Rows written before a
+    column was added get it empty."""
+    rows = read_csv(csv_path) if csv_path.exists() and csv_path.stat().st_size > 0 else []
+    rows += [{k: _csv_value(v) for k, v in dataclasses.asdict(rec).items()} for rec in records]
+    write_csv(rows, csv_path)
+
+
+def write_csv(rows: Sequence[dict[str, str]], csv_path: Path) -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    if csv_path.exists() and csv_path.stat().st_size > 0:
-        _check_header(csv_path)
-        new = False
-    else:
-        new = True
-    with csv_path.open("a", newline="") as f:
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        for rec in records:
-            writer.writerow({k: _csv_value(v) for k, v in dataclasses.asdict(rec).items()})
-
-
-def _check_header(csv_path: Path) -> None:
-    with csv_path.open(newline="") as f:
-        header = next(csv.reader(f), [])
-    if header != CSV_FIELDS:
-        missing = [k for k in CSV_FIELDS if k not in header]
-        extra = [k for k in header if k not in CSV_FIELDS]
-        raise ValueError(
-            f"{csv_path} has other columns than this ran-bench writes (missing {missing}, extra "
-            f"{extra}); move it aside (or convert it) and run the benchmark again")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
 
 
 def read_csv(csv_path: Path) -> list[dict[str, str]]:
-    _check_header(csv_path)
-    with csv_path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows of a results.csv, every column of this version present ("" where an older file had none)."""
+    with Path(csv_path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        unknown = [k for k in reader.fieldnames or [] if k not in CSV_FIELDS]
+        if unknown or "mode" not in (reader.fieldnames or []):
+            raise ValueError(
+                f"{csv_path} is not a ran-bench results.csv (unknown columns {unknown}); move it aside "
+                "and run the benchmark again, or give the results.csv that `ran-bench bench` wrote")
+        return [{k: row.get(k) or "" for k in CSV_FIELDS} for row in reader]
 
 
 def save(records: Sequence[BenchRecord], out_dir: Path, *, json_path: Path | None = None,
@@ -424,6 +423,11 @@ def _versions(row: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
+def _device(row: dict[str, str]) -> str:
+    load = row["load_average_1min"]
+    return row["device_name"] + (f", load {float(load):.1f}" if row["device_type"] == "cpu" and load else "")
+
+
 def _rate(row: dict[str, str]) -> str:
     return f"{_f(row['images_per_s'])} ({_f(row['images_per_s_min'])}–{_f(row['images_per_s_max'])})"
 
@@ -460,8 +464,9 @@ def render_readme(rows: list[dict[str, str]]) -> str:
         "timed regions are bracketed by device synchronisation.",
         "- Peak memory: `GPU alloc` = torch.cuda.max_memory_allocated; `RSS` = the process's peak "
         "resident set size on CPU (includes Python and libraries).",
-        "- CPU rows are from a shared 2-core development machine: compare them with each other, "
-        "not with GPUs.",
+        "- CPU rows are from a shared 2-core development machine, with its 1-minute load average at the "
+        "end of the run (other work slowed them): read them as what the harness reports, not as "
+        "CPU performance.",
         "",
     ]
     sections = {
@@ -475,7 +480,7 @@ def render_readme(rows: list[dict[str, str]]) -> str:
         if not mode_rows:
             continue
         lines += [f"## {title}", ""]
-        env = lambda r: [r["device_name"], _versions(r), f"`{r['command']}`"]  # noqa: E731
+        env = lambda r: [_device(r), _versions(r), f"`{r['command']}`"]  # noqa: E731
         if mode in ("train", "infer"):
             header = ["model", "size", "batch", "precision", "layout/compile", "images/s", "step ms",
                       "peak memory", "GMACs/img", "TFLOP/s", "MFU"]
@@ -1122,18 +1127,10 @@ def main(args: argparse.Namespace) -> int:
 def _readme(args: argparse.Namespace) -> int:
     csv_path = args.out_dir / "results.csv"
     for extra in args.add:
-        rows = read_csv(extra)
-        if not rows:
-            continue
-        exists = csv_path.exists() and csv_path.stat().st_size > 0
-        if exists:
-            _check_header(csv_path)
-        with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if not exists:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"added {len(rows)} row(s) of {extra} to {csv_path}")
+        rows = read_csv(csv_path) if csv_path.exists() else []
+        added = read_csv(extra)
+        write_csv(rows + added, csv_path)
+        print(f"added {len(added)} row(s) of {extra} to {csv_path}")
     write_readme(csv_path, args.out_dir / "README.md")
     print(f"regenerated {args.out_dir / 'README.md'} from {csv_path}")
     return 0

@@ -86,7 +86,7 @@ SCHEMA = {
     "num_threads": (int, type(None)),
     "device_type": str, "device_name": str, "torch_version": str, "cuda_version": str, "cudnn_version": str,
     "dali_version": str, "timm_version": str, "accelerate_version": str, "python_version": str,
-    "git_commit": str, "time_utc": str, "command": str, "schema_version": int,
+    "load_average_1min": OPTIONAL_NUMBER, "git_commit": str, "time_utc": str, "command": str, "schema_version": int,
 }
 
 
@@ -325,8 +325,21 @@ def test_readme_mode_adds_rows_of_another_csv(tmp_path):
     assert len(bench.read_csv(tmp_path / "results.csv")) == 2
 
 
-def test_csv_with_other_columns_is_refused_with_its_name(tmp_path):
+def test_csv_of_another_program_is_refused_with_its_name(tmp_path):
     path = tmp_path / "results.csv"
-    path.write_text("mode,model,images_per_s\ntrain,x,1\n")
-    with pytest.raises(ValueError, match=r"results.csv has other columns.*move it aside"):
+    path.write_text("mode,model,speed\ntrain,x,1\n")
+    with pytest.raises(ValueError, match=r"results.csv is not a ran-bench results.csv \(unknown columns \['speed'\]\)"):
         bench.append_csv([_record()], path)
+
+
+def test_rows_of_an_older_csv_are_kept_when_columns_are_added(tmp_path):
+    path = tmp_path / "results.csv"
+    old_columns = [c for c in bench.CSV_FIELDS if c != "load_average_1min"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({c: "" for c in old_columns} | {"mode": "infer", "model": "old_row", "command": "old"})
+    bench.append_csv([_record(load_average_1min=1.5)], path)
+    rows = bench.read_csv(path)
+    assert [(r["model"], r["load_average_1min"]) for r in rows] == [("old_row", ""), ("attention56", "1.5")]
+    assert path.read_text().splitlines()[0] == ",".join(bench.CSV_FIELDS)
