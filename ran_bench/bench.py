@@ -502,8 +502,8 @@ def render_readme(rows: list[dict[str, str]]) -> str:
                           "step over a bare PyTorch loop and over timm's benchmark recipe on the "
                           "same model and pre-made batches (1.0 = no overhead)."]
         elif mode == "data":
-            header = ["backend", "size", "batch", "threads", "images/s", "peak memory"]
-            table = [[r["backend"], r["size"], r["batch_size"], r["num_threads"], _rate(r), _memory(r)]
+            header = ["backend", "images", "size", "batch", "threads", "images/s", "peak memory"]
+            table = [[r["backend"], r["data_root"], r["size"], r["batch_size"], r["num_threads"], _rate(r), _memory(r)]
                      + env(r) for r in mode_rows]
             lines += _table(header + ["device", "versions", "command"], table)
         else:
