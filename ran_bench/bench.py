@@ -583,15 +583,15 @@ def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def trainer_parts(model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The trainer's loss and optimizer for `model`, built as `ran_bench.train.main` builds them
-    from the default recipe (`ran_bench.config.OptimConfig`: Nesterov SGD, momentum 0.9, weight
+    """The trainer's loss and optimizer for `model`, built by the trainer's own builders from the
+    default recipe (`ran_bench.config.OptimConfig`: Nesterov SGD, momentum 0.9, weight
     decay 1e-4, learning rate 0.1 per 256 images; cross-entropy)."""
     from ran_bench.config import Config
 
+    from ran_bench.train import build_criterion, build_optimizer
+
     cfg = Config()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), optimizer
+    return build_criterion(cfg), build_optimizer(cfg, model)
 
 
 def trainer_step_fn(accelerator, model: nn.Module, optimizer, criterion, batches: Iterator) -> Callable[[], torch.Tensor]:

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"ran-bench {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # Intermixed: `eval RUN --size 320 data.root=X` mixes options and key=value overrides.
+    args = parser.parse_intermixed_args(rest)
     return int(module.main(args) or 0)
 
 

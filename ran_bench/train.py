@@ -64,6 +64,16 @@ def train_step(accelerator, model: nn.Module, optimizer, criterion: nn.Module, i
     return loss.detach()
 
 
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """The recipe's optimizer: SGD at the base learning rate of the run's global batch."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
+                           nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+
+
+def build_criterion(cfg: Config) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+
 class StopRequest:
     """Set by SIGTERM/SIGUSR1; the loop reads it between optimizer steps."""
 
@@ -153,15 +163,14 @@ def _train(args: argparse.Namespace) -> int:
         model.to(memory_format=torch.channels_last)
     raw_model = model  # the module whose state_dict is checkpointed and evaluated
     set_seed(cfg.seed, device_specific=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     # Stepped by the loop once per optimizer step; not prepared, since Accelerate would step it
     # once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(cfg, step) / cfg.lr)
     if cfg.model.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = build_criterion(cfg)
 
     # Resume from the newest good checkpoint (rank 0 chooses, so every rank loads the same file).
     step, epoch, images_seen, elapsed_before, eval_due = 0, 0, 0, 0.0, False
