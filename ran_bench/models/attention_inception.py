@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ran_bench.models._registry import register_model
 from ran_bench.models.inception_resnet import InceptionResNetA, InceptionResNetB, InceptionResNetC
-from ran_bench.models.residual_attention import ResidualAttentionNet, _imagenet_stages, imagenet_stem
+from ran_bench.models.residual_attention import ResidualAttentionNet, imagenet_stages, imagenet_stem
 
 __all__ = ["attention_inception56", "inception_attention_unit"]
 
@@ -64,7 +64,7 @@ def inception_attention_unit(in_channels: int, out_channels: int, stride: int) -
 def attention_inception56(num_classes: int = 1000, in_chans: int = 3, **kwargs) -> ResidualAttentionNet:
     """AttentionInception-56: Attention-56 with Inception-ResNet units (see the module docstring)."""
     return ResidualAttentionNet(
-        _imagenet_stages((1, 1, 1)),
+        imagenet_stages((1, 1, 1)),
         inception_attention_unit,
         imagenet_stem(in_chans),
         64,

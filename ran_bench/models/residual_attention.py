@@ -83,6 +83,7 @@ __all__ = [
     "SpatialNormSigmoid",
     "StageSpec",
     "UnitFactory",
+    "imagenet_stages",
     "imagenet_stem",
 ]
 
@@ -361,7 +362,7 @@ class ResidualAttentionNet(nn.Module):
 _IMAGENET_WIDTHS = (256, 512, 1024, 2048)
 
 
-def _imagenet_stages(modules: tuple[int, int, int]) -> list[StageSpec]:
+def imagenet_stages(modules: tuple[int, int, int]) -> list[StageSpec]:
     return [
         StageSpec(_IMAGENET_WIDTHS[0], stride=1, units=1, modules=modules[0], mask_depth=3),
         StageSpec(_IMAGENET_WIDTHS[1], stride=2, units=1, modules=modules[1], mask_depth=2),
@@ -371,13 +372,13 @@ def _imagenet_stages(modules: tuple[int, int, int]) -> list[StageSpec]:
 
 
 def _attention_net(modules: tuple[int, int, int], num_classes: int, in_chans: int = 3, **kwargs) -> ResidualAttentionNet:
-    return ResidualAttentionNet(_imagenet_stages(modules), PreActBottleneck, imagenet_stem(in_chans), 64,
+    return ResidualAttentionNet(imagenet_stages(modules), PreActBottleneck, imagenet_stem(in_chans), 64,
                                 num_classes=num_classes, **kwargs)
 
 
 def _attentionnext_net(modules: tuple[int, int, int], num_classes: int, in_chans: int = 3,
                        **kwargs) -> ResidualAttentionNet:
-    return ResidualAttentionNet(_imagenet_stages(modules), ResNeXtBottleneck, imagenet_stem(in_chans), 64,
+    return ResidualAttentionNet(imagenet_stages(modules), ResNeXtBottleneck, imagenet_stem(in_chans), 64,
                                 num_classes=num_classes, preact_units=False, **kwargs)
 
 
