@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"ran-bench {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    # Intermixed: `eval RUN --size 320 data.root=X` mixes options and key=value overrides.
-    args = parser.parse_intermixed_args(rest)
+    try:
+        # Intermixed: `eval RUN --size 320 data.root=X` mixes options and key=value overrides.
+        args = parser.parse_intermixed_args(rest)
+    except TypeError:
+        # argparse cannot intermix for commands with sub-commands (`ran-bench data make-demo ...`).
+        args = parser.parse_args(rest)
     return int(module.main(args) or 0)
 
 
