@@ -51,6 +51,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ran_bench.fileio import atomic_write, git_commit
+from ran_bench.fileio import device_name as _device_name
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO / "reports" / "bench"
 MODES = ("train", "infer", "data", "scaling", "readme")
@@ -196,16 +199,11 @@ def resolve_peak(device: torch.device, precision: str, given: float | None) -> t
 
 
 def device_name(device: torch.device) -> str:
+    """The device, and on CPU how many cores and torch threads the figures were measured with."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        return _device_name(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu} ({cores} cores, {torch.get_num_threads()} torch threads/process)"
+    return f"{_device_name(device)} ({cores} cores, {torch.get_num_threads()} torch threads/process)"
 
 
 def _dist_version(*names: str) -> str:
@@ -230,18 +228,6 @@ def software_versions(device: torch.device) -> dict[str, str]:
         "accelerate_version": _dist_version("accelerate"),
         "python_version": platform.python_version(),
     }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    commit = out.stdout.strip()
-    return commit + ("-dirty" if commit and dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,12 +352,10 @@ def append_csv(records: Sequence[BenchRecord], csv_path: Path) -> None:
 
 def write_csv(rows: Sequence[dict[str, str]], csv_path: Path) -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_write(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
 
 
 def read_csv(csv_path: Path) -> list[dict[str, str]]:
@@ -395,9 +379,8 @@ def save(records: Sequence[BenchRecord], out_dir: Path, *, json_path: Path | Non
     json_path = Path(json_path) if json_path else out_dir / f"{record_name(records[0])}.json"
     payload: Any = dataclasses.asdict(records[0]) if len(records) == 1 else [dataclasses.asdict(r) for r in records]
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, json_path)
+    with atomic_write(json_path) as f:
+        f.write(json.dumps(payload, indent=2) + "\n")
     if record_csv:
         append_csv(records, out_dir / "results.csv")
         write_readme(out_dir / "results.csv", out_dir / "README.md")
@@ -521,9 +504,8 @@ def render_readme(rows: list[dict[str, str]]) -> str:
 
 def write_readme(csv_path: Path, readme_path: Path) -> None:
     rows = read_csv(csv_path) if csv_path.exists() else []
-    tmp = readme_path.with_name(readme_path.name + ".tmp")
-    tmp.write_text(render_readme(rows))
-    os.replace(tmp, readme_path)
+    with atomic_write(readme_path) as f:
+        f.write(render_readme(rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ import logging
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from ran_bench.fileio import atomic_write
 
 FORMAT = "ran-bench-checkpoint"
 VERSION = 1
@@ -52,37 +53,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # Temporary files left by a writer that was killed mid-write; only the main process writes.
-    for stale in ckpt_dir.glob(".step_*.tmp"):
+    for stale in ckpt_dir.glob(".step_*.pt.*.tmp"):
         stale.unlink(missing_ok=True)
     path = checkpoint_path(ckpt_dir, step)
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(ckpt_dir)
+    with atomic_write(path, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable (the directory entry), where the file system allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ran_bench.fileio import atomic_write
 from ran_bench.models import create_model, list_models, model_info
 from ran_bench.paper import load_table, released_definition, table7_row
 
@@ -213,11 +213,9 @@ def main(args: argparse.Namespace) -> int:
         print(format_text(profiles))
     if args.output:
         path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         command = " ".join(["ran-bench profile", *(["--models", args.models] if args.models else []),
                              *(["--size", str(args.size)] if args.size else []), "--output", args.output])
-        tmp.write_text(format_markdown(profiles, command))
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(format_markdown(profiles, command))
         print(f"wrote {path}", file=sys.stderr)
     return 0

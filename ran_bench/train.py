@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ran_bench.fileio import atomic_write, device_name, git_commit
 from ran_bench.config import Backend, Config, ConfigError, Precision, gradient_accumulation_steps, load_config, \
     lr_at, to_yaml
 
@@ -377,30 +376,6 @@ def build_results(cfg: Config, *, num_classes: int, params: int, macs: int, macs
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def device_name(device: torch.device) -> str:
-    """GPU name on CUDA, the CPU model otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def git_commit() -> str:
-    """The commit of the ran-bench checkout running this code, or "unknown"."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
 def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
     if args.config is None and args.run_dir is None:
         raise SystemExit("ran-bench train: give --config FILE (a new run) or --run-dir DIR (resume a run)")
@@ -527,9 +502,8 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
         log.warning("%s differs from this run's resolved config; it is replaced (the old one is config.yaml.prev)",
                     path)
         path.replace(run_dir / "config.yaml.prev")
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def _append_metrics(run_dir: Path, main_process: bool, record: dict) -> None:
@@ -549,9 +523,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 def _to_cpu(value):
