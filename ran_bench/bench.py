@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ran_bench.errors import UserError
 from ran_bench.fileio import atomic_write, git_commit
 from ran_bench.fileio import device_name as _device_name
 
@@ -681,7 +682,7 @@ def overhead_arms(accelerator, model: nn.Module, batches: Sequence[tuple[torch.T
 # Modes
 
 
-class BenchError(ValueError):
+class BenchError(ValueError, UserError):
     """A benchmark that cannot run as asked (the message names the flag to change)."""
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ran_bench.errors import UserError
 from ran_bench.fileio import atomic_write
 
 FORMAT = "ran-bench-checkpoint"
@@ -30,7 +31,7 @@ _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 log = logging.getLogger("ran_bench.checkpoint")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A checkpoint file that is truncated, corrupt, or not a ran-bench checkpoint."""
 
 

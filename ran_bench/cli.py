@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from ran_bench.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("ran_bench.profile", "parameters and multiply-adds of every model, beside the paper's"),
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError:
         # argparse cannot intermix for commands with sub-commands (`ran-bench data make-demo ...`).
         args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except UserError as e:  # bad input: one line naming the problem and the fix, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

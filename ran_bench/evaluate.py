@@ -65,19 +65,8 @@ def sync_buffers(model: nn.Module) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Evaluate and record; 2 with a clear message for a bad path, checkpoint, config or data root."""
-    from ran_bench.checkpoint import CheckpointError
-    from ran_bench.config import ConfigError
-    from ran_bench.data import DatasetLayoutError
-
-    try:
-        return _evaluate_run(args)
-    except (CheckpointError, ConfigError, DatasetLayoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _evaluate_run(args: argparse.Namespace) -> int:
+    """Evaluate and record in results.json. A bad path, checkpoint, config or data root raises a
+    UserError, which the command line prints as one line with exit status 2."""
     from accelerate import Accelerator, PartialState
 
     from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,8 +24,9 @@ from typing import Callable
 
 import yaml
 
+from ran_bench.errors import UserError
 from ran_bench.paper import load_table
-from ran_bench.results import Results, ResultsError, load_results
+from ran_bench.results import Results, load_results
 
 # The paper's schedules in images (iterations x batch), to say how much of them a run did.
 # ImageNet: 530k iterations at batch 256; CIFAR: 160k iterations at batch 64.
@@ -47,7 +47,7 @@ NOT_RUN = "not run"
 DASH = "—"
 
 
-class ReportError(ValueError):
+class ReportError(ValueError, UserError):
     """A run directory that cannot be reported: a missing or malformed file, named in the message."""
 
 
@@ -615,10 +615,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        path = write_report(args.run_dirs, args.output)
-    except (ReportError, ResultsError) as e:
-        print(f"ran-bench report: error: {e}", file=sys.stderr)
-        return 2
+    path = write_report(args.run_dirs, args.output)  # bad runs raise UserErrors: exit 2 with the message
     print(f"wrote {path} and its plots in {path.parent}")
     return 0

@@ -12,12 +12,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ran_bench.errors import UserError
 from ran_bench.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 
 
-class ResultsError(ValueError):
+class ResultsError(ValueError, UserError):
     """A results.json that is missing, not JSON, or does not match the schema."""
 
 

@@ -86,18 +86,8 @@ class StopRequest:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Train; 0 when the run reached its stop step, REQUEUE_EXIT_CODE after a signal, 2 on bad input."""
-    from ran_bench.checkpoint import CheckpointError
-    from ran_bench.data import DatasetLayoutError
-
-    try:
-        return _train(args)
-    except (ConfigError, DatasetLayoutError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _train(args: argparse.Namespace) -> int:
+    """Train; 0 when the run reached its stop step, REQUEUE_EXIT_CODE after a signal. Bad input
+    raises a UserError, which the command line prints as one line with exit status 2."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm

@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ran_bench.errors import UserError
 
-class VisualizeError(ValueError):
+
+class VisualizeError(ValueError, UserError):
     """Bad input to `ran-bench visualize`; the message names the file or flag."""
 
 

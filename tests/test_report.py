@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ran_bench import report
+from ran_bench.cli import main as cli_main
 from ran_bench.results import Evaluation, Results, ResultsError
 
 
@@ -256,7 +257,7 @@ def test_missing_results_json_names_the_file(tmp_path, capsys):
     (run / "results.json").unlink()
     with pytest.raises(ResultsError, match=re.escape(str(run / "results.json"))):
         report.write_report([run], tmp_path / "r.md")
-    assert report.main(argparse.Namespace(run_dirs=[run], output=tmp_path / "r.md")) == 2
+    assert cli_main(["report", str(run), "-o", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err
     assert str(run / "results.json") in err and "no results.json" in err
     assert not (tmp_path / "r.md").exists()
@@ -266,7 +267,7 @@ def test_malformed_results_json_names_the_file(tmp_path, capsys):
     good = make_run(tmp_path, "good", evaluations=[(224, 22.0, 6.0)])
     bad = make_run(tmp_path, "bad", evaluations=[(224, 22.0, 6.0)])
     (bad / "results.json").write_text('{"model": "attention56", "params": ')
-    assert report.main(argparse.Namespace(run_dirs=[good, bad], output=tmp_path / "r.md")) == 2
+    assert cli_main(["report", str(good), str(bad), "-o", str(tmp_path / "r.md")]) == 2
     err = capsys.readouterr().err
     assert f"{bad / 'results.json'}: not valid JSON" in err
     data = json.loads((good / "results.json").read_text())

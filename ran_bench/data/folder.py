@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ran_bench.errors import UserError
+
 # Suffixes read as images (lower case). The same set as torchvision's ImageFolder; both PIL and
 # DALI's decoder sniff the real format from the bytes, so the suffix only selects candidates.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -19,7 +21,7 @@ MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(FileNotFoundError, UserError):
     """A data root that does not have the `ROOT/<split>/<wnid>/<image>` layout."""
 
 

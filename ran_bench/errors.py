@@ -1,0 +1,9 @@
+"""The base of every error that is the user's input to fix (a config key, a file, a flag).
+
+`ran-bench` prints such an error as one line, `error: <message>`, and exits with status 2 instead
+of a traceback; each module's own error class (ConfigError, CheckpointError, ...) derives from it.
+"""
+
+
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix."""
