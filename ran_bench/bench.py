@@ -58,6 +58,10 @@ from ran_bench.fileio import device_name as _device_name
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO / "reports" / "bench"
 MODES = ("train", "infer", "data", "scaling", "readme")
+
+
+class BenchError(ValueError, UserError):
+    """A benchmark that cannot run as asked (the message names the flag to change)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEMA_VERSION = 1
 
@@ -103,7 +107,7 @@ def time_steps(step: Callable[[], Any], *, device: torch.device, steps: int, war
     """Mean seconds per call of `step` in each of `repeats` timed regions of `steps` calls, after
     `warmup` untimed calls. Each region is bracketed by device synchronisation."""
     if steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need --steps >= 1, --repeats >= 1 and --warmup >= 0; got steps={steps}, "
+        raise BenchError(f"need --steps >= 1, --repeats >= 1 and --warmup >= 0; got steps={steps}, "
                          f"repeats={repeats}, warmup={warmup}")
     for _ in range(warmup):
         step()
@@ -182,7 +186,7 @@ def resolve_peak(device: torch.device, precision: str, given: float | None) -> t
     """The peak TFLOP/s MFU is measured against, and where it comes from."""
     if given is not None:
         if given <= 0:
-            raise ValueError(f"--peak-tflops must be positive, got {given}")
+            raise BenchError(f"--peak-tflops must be positive, got {given}")
         return given, "given with --peak-tflops"
     if device.type != "cuda":
         return None, "no peak known for CPUs: give --peak-tflops"
@@ -365,7 +369,7 @@ def read_csv(csv_path: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(f)
         unknown = [k for k in reader.fieldnames or [] if k not in CSV_FIELDS]
         if unknown or "mode" not in (reader.fieldnames or []):
-            raise ValueError(
+            raise BenchError(
                 f"{csv_path} is not a ran-bench results.csv (unknown columns {unknown}); move it aside "
                 "and run the benchmark again, or give the results.csv that `ran-bench bench` wrote")
         return [{k: row.get(k) or "" for k in CSV_FIELDS} for row in reader]
@@ -556,7 +560,7 @@ def _cycle(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tup
 def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of `loader` across epochs (set_epoch before each pass, as the trainer does)."""
     if len(loader) == 0:
-        raise ValueError(f"the loader has no full batch per process ({loader.num_samples} samples, batch "
+        raise BenchError(f"the loader has no full batch per process ({loader.num_samples} samples, batch "
                          f"{loader.batch_size}); lower --batch-size or use a larger --data-root")
     epoch = 0
     while True:
@@ -680,10 +684,6 @@ def overhead_arms(accelerator, model: nn.Module, batches: Sequence[tuple[torch.T
 
 # ---------------------------------------------------------------------------------------------
 # Modes
-
-
-class BenchError(ValueError, UserError):
-    """A benchmark that cannot run as asked (the message names the flag to change)."""
 
 
 def _accelerate_precision(precision: str, device_type: str) -> str:
@@ -1076,27 +1076,23 @@ def _scaling_table(records: Sequence[BenchRecord]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.mode == "readme":
-            return _readme(args)
-        if args.mode in ("train", "infer", "scaling") and not args.model:
-            raise BenchError(f"bench {args.mode} needs --model NAME (see `ran-bench profile` for the names)")
-        if args.model:
-            from ran_bench.models import model_info
+    if args.mode == "readme":
+        return _readme(args)
+    if args.mode in ("train", "infer", "scaling") and not args.model:
+        raise BenchError(f"bench {args.mode} needs --model NAME (see `ran-bench profile` for the names)")
+    if args.model:
+        from ran_bench.models import model_info
 
-            model_info(args.model)  # unknown names fail here, with the list of known ones
-        args.size = _size(args)
-        args.precision = _precision(args)
-        if args.batch_size < 1:
-            raise BenchError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.mode == "scaling":
-            records = run_scaling(args)
-            print(_scaling_table(records))
-        else:
-            records = [{"train": run_train, "infer": run_infer, "data": run_data}[args.mode](args)]
-    except (BenchError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"ran-bench bench: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+        model_info(args.model)  # unknown names fail here, with the list of known ones
+    args.size = _size(args)
+    args.precision = _precision(args)
+    if args.batch_size < 1:
+        raise BenchError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.mode == "scaling":
+        records = run_scaling(args)
+        print(_scaling_table(records))
+    else:
+        records = [{"train": run_train, "infer": run_infer, "data": run_data}[args.mode](args)]
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one record per run, from the first process
     for rec in records:
@@ -1110,6 +1106,8 @@ def main(args: argparse.Namespace) -> int:
 def _readme(args: argparse.Namespace) -> int:
     csv_path = args.out_dir / "results.csv"
     for extra in args.add:
+        if not Path(extra).is_file():
+            raise BenchError(f"--add {extra}: no such file (give the results.csv a benchmark run wrote)")
         rows = read_csv(csv_path) if csv_path.exists() else []
         added = read_csv(extra)
         write_csv(rows + added, csv_path)

@@ -7,3 +7,8 @@ of a traceback; each module's own error class (ConfigError, CheckpointError, ...
 
 class UserError(Exception):
     """Bad input: the message names the problem and the fix."""
+
+
+class InputError(UserError, ValueError):
+    """A bad value (a flag, a file's contents) where no module-specific class is needed; also a
+    ValueError, so library callers that catch ValueError keep working."""

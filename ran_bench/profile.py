@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ran_bench.errors import InputError
 from ran_bench.fileio import atomic_write
 from ran_bench.models import create_model, list_models, model_info
 from ran_bench.paper import load_table, released_definition, table7_row
@@ -195,17 +196,11 @@ def main(args: argparse.Namespace) -> int:
     names = known if not args.models else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if not names:
-        print("ran-bench profile: --models names no model; give e.g. --models attention56,attention92",
-              file=sys.stderr)
-        return 2
+        raise InputError("--models names no model; give e.g. --models attention56,attention92")
     if unknown:
-        print(f"ran-bench profile: unknown model(s) {', '.join(unknown)} in --models; "
-              f"known: {', '.join(known)}", file=sys.stderr)
-        return 2
+        raise InputError(f"unknown model(s) {', '.join(unknown)} in --models; known: {', '.join(known)}")
     if args.size is not None and args.size < 32:
-        print(f"ran-bench profile: --size {args.size} is too small for an ImageNet model (stride 32); "
-              "use e.g. 224, 299 or 320", file=sys.stderr)
-        return 2
+        raise InputError(f"--size {args.size} is too small for an ImageNet model (stride 32); use e.g. 224, 299 or 320")
     profiles = [profile_model(name, args.size) for name in names]
     if args.json:
         print(json.dumps({"mac_convention": MAC_CONVENTION, "notes": NOTES, "models": profiles}, indent=2))

@@ -33,6 +33,8 @@ from typing import Any
 
 import submitit
 
+from ran_bench.errors import InputError
+
 # Seconds between submitit's pre-timeout signal and the time limit: time to finish a step and
 # write a checkpoint of Attention-92 with its optimizer state on a slow shared file system.
 SIGNAL_DELAY_S = 180
@@ -75,7 +77,7 @@ def parse_time(text: str) -> int:
     "D-HH", "D-HH:MM", "D-HH:MM:SS"."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
-        raise ValueError(f"--time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+        raise InputError(f"--time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
     days, a, b, c = (int(g) if g is not None else None for g in m.groups())
     if days is None and b is None:
         return a
@@ -183,29 +185,26 @@ def _ignore_submitit_signal() -> None:
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
     """Executor parameters, the command every task runs and the run directory, after checking the
     config and overrides (so a typo fails here, not in the queue)."""
-    from ran_bench.config import ConfigError, load_config, validate
+    from ran_bench.config import load_config, validate
 
     if args.nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+        raise InputError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0:
-        raise ValueError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+        raise InputError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
     tasks = args.tasks_per_node or args.gpus_per_node or 1
     if args.gpus_per_node and tasks != args.gpus_per_node:
-        raise ValueError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the trainer runs one "
+        raise InputError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the trainer runs one "
                          "process per GPU, so leave --tasks-per-node out when using GPUs")
     timeout_min = parse_time(args.time)
     extra: dict[str, Any] = {}
     for item in args.slurm:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--slurm {item!r} is not KEY=VALUE (e.g. --slurm account=myproject)")
+            raise InputError(f"--slurm {item!r} is not KEY=VALUE (e.g. --slurm account=myproject)")
         extra[f"slurm_{key}"] = value
     config = Path(args.config)
-    try:
-        cfg = load_config(config, args.overrides)
-        validate(cfg, str(config), world_size=args.nodes * tasks)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    cfg = load_config(config, args.overrides)
+    validate(cfg, str(config), world_size=args.nodes * tasks)
     run_dir = Path(args.run_dir or Path("runs") / config.stem).absolute()
     command = [sys.executable, "-m", "ran_bench", "train", "--config", str(config.absolute()),
                "--run-dir", str(run_dir), *args.overrides]
@@ -233,28 +232,24 @@ def submit(args: argparse.Namespace):
         executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster="slurm",
                                          slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
     except RuntimeError as e:  # submitit: 'Could not detect "srun"'
-        raise ValueError(f"no SLURM here ({e}); run on a login node of the cluster, or use --dry-run") from None
+        raise InputError(f"no SLURM here ({e}); run on a login node of the cluster, or use --dry-run") from None
     executor.update_parameters(**params)
     run_dir.mkdir(parents=True, exist_ok=True)
     return executor.submit(TrainingJob(command, str(run_dir), cpu=args.gpus_per_node == 0))
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        if args.dry_run:
-            params, command, run_dir = plan(args)
-            print("would submit with submitit.AutoExecutor(cluster='slurm', folder="
-                  f"{run_dir / 'submitit'}, slurm_max_num_timeout={MAX_TIMEOUT_REQUEUES}):")
-            for key, value in params.items():
-                print(f"  {key} = {value!r}")
-            print(f"each of the {params['nodes'] * params['tasks_per_node']} tasks runs, as torch.distributed rank "
-                  "SLURM_PROCID (MASTER_ADDR: the first node):")
-            print(f"  {shlex.join(command)}")
-            return 0
-        job = submit(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        params, command, run_dir = plan(args)
+        print("would submit with submitit.AutoExecutor(cluster='slurm', folder="
+              f"{run_dir / 'submitit'}, slurm_max_num_timeout={MAX_TIMEOUT_REQUEUES}):")
+        for key, value in params.items():
+            print(f"  {key} = {value!r}")
+        print(f"each of the {params['nodes'] * params['tasks_per_node']} tasks runs, as torch.distributed rank "
+              "SLURM_PROCID (MASTER_ADDR: the first node):")
+        print(f"  {shlex.join(command)}")
+        return 0
+    job = submit(args)
     print(f"submitted job {job.job_id}")
     print(f"  run directory: {job.paths.folder.parent}")
     print(f"  task logs:     {job.paths.stdout}  (task 0; other tasks: {job.job_id}_<task>_log.out)")

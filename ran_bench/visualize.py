@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,22 +223,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        model, cfg, checkpoint = load_model(args.checkpoint, args.config)
-        size = args.size or cfg.data.test_sizes[0]
-        crop, image = preprocess(args.image, size)
-        masks = attention_masks(model, image)
-        with torch.no_grad():
-            probs = model(image).softmax(-1)[0]
-        top = int(probs.argmax())
-        names = _class_names(cfg)
-        label = names[top] if len(names) == len(probs) else f"class {top}"
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        plot_masks(crop, masks, output, f"{cfg.model.name} ({checkpoint.name}), {Path(args.image).name} at "
-                                        f"{size}x{size}: predicted {label} (p={float(probs[top]):.2f})")
-    except VisualizeError as e:
-        print(f"ran-bench visualize: error: {e}", file=sys.stderr)
-        return 2
+    model, cfg, checkpoint = load_model(args.checkpoint, args.config)
+    size = args.size or cfg.data.test_sizes[0]
+    crop, image = preprocess(args.image, size)
+    masks = attention_masks(model, image)
+    with torch.no_grad():
+        probs = model(image).softmax(-1)[0]
+    top = int(probs.argmax())
+    names = _class_names(cfg)
+    label = names[top] if len(names) == len(probs) else f"class {top}"
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plot_masks(crop, masks, output, f"{cfg.model.name} ({checkpoint.name}), {Path(args.image).name} at "
+                                    f"{size}x{size}: predicted {label} (p={float(probs[top]):.2f})")
     print(f"wrote {output}: {len(masks)} attention masks in {len({m.stage for m in masks})} stages")
     return 0

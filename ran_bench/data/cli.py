@@ -50,11 +50,7 @@ def main(args: argparse.Namespace) -> int:
 def _prepare_val(args) -> int:
     from ran_bench.data.tools import prepare_val
 
-    try:
-        r = prepare_val(args.val_dir, args.ground_truth, args.synsets, dry_run=args.dry_run)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = prepare_val(args.val_dir, args.ground_truth, args.synsets, dry_run=args.dry_run)
     verb = "would move" if args.dry_run else "moved"
     print(f"{args.val_dir}: {verb} {r.moved} images into {r.classes} class folders, "
           f"{r.already_in_place} already in place, {len(r.missing)} listed but missing, "
@@ -85,12 +81,8 @@ def _verify(args) -> int:
 def _make_demo(args) -> int:
     from ran_bench.data.demo import CLASSES, make_demo, write_odd_files
 
-    try:
-        counts = make_demo(args.out, seed=args.seed, num_classes=args.classes, train_per_class=args.train_per_class,
-                           val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = make_demo(args.out, seed=args.seed, num_classes=args.classes, train_per_class=args.train_per_class,
+                       val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side)
     if args.odd_files:
         for split in ("train", "val"):
             write_odd_files(Path(args.out) / split / CLASSES[0], seed=args.seed)

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ran_bench.errors import InputError
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker",
            "diagonal", "dots")
 
@@ -103,9 +105,9 @@ def make_demo(out: str | Path, *, seed: int = 0, train_per_class: int = 100, val
     Refuses to write into an existing non-empty OUT."""
     out = Path(out)
     if not 1 <= num_classes <= len(CLASSES):
-        raise ValueError(f"num_classes must be in 1..{len(CLASSES)}, got {num_classes}")
+        raise InputError(f"--classes must be in 1..{len(CLASSES)}, got {num_classes}")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or delete it first")
+        raise InputError(f"{out} exists and is not empty; choose a new directory or delete it first")
     counts = {}
     for split_no, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         for label in range(num_classes):

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ran_bench.data.folder import is_image_name
+from ran_bench.errors import InputError
 
 WNID = re.compile(r"^n\d{8}$")
 
@@ -24,6 +25,9 @@ def read_ground_truth(ground_truth: str | os.PathLike, synsets: str | os.PathLik
     `synsets`, a text file of the devkit's ILSVRC2012_ID -> wnid table (`meta.mat`'s order):
     one wnid per line in ID order, or lines `ID wnid`."""
     ground_truth = Path(ground_truth)
+    if not ground_truth.is_file():
+        raise InputError(f"--ground-truth {ground_truth} does not exist (LOC_val_solution.csv, or the devkit's "
+                         f"ILSVRC2012_validation_ground_truth.txt)")
     text = ground_truth.read_text()
     if ground_truth.suffix.lower() == ".csv" or text.startswith("ImageId"):
         out = {}
@@ -31,21 +35,27 @@ def read_ground_truth(ground_truth: str | os.PathLike, synsets: str | os.PathLik
             try:
                 out[row["ImageId"]] = row["PredictionString"].split()[0]
             except (KeyError, IndexError):
-                raise ValueError(f"{ground_truth}: expected LOC_val_solution.csv rows "
+                raise InputError(f"{ground_truth}: expected LOC_val_solution.csv rows "
                                  f"'ImageId,PredictionString', got {row}") from None
         return out
-    ids = [int(x) for x in text.split()]
+    try:
+        ids = [int(x) for x in text.split()]
+    except ValueError:
+        raise InputError(f"{ground_truth} is neither LOC_val_solution.csv (header 'ImageId,PredictionString') "
+                         f"nor the devkit's ground truth (one ILSVRC2012_ID per line)") from None
     if synsets is None:
-        raise ValueError(f"{ground_truth} holds ILSVRC2012_IDs, not wnids: pass --synsets with the devkit's "
+        raise InputError(f"{ground_truth} holds ILSVRC2012_IDs, not wnids: pass --synsets with the devkit's "
                          f"ID -> wnid table (from meta.mat), or use LOC_val_solution.csv instead")
     table = _read_synsets(Path(synsets))
     bad = sorted({i for i in ids if i not in table})
     if bad:
-        raise ValueError(f"{ground_truth} uses ILSVRC2012_IDs {bad[:5]} that {synsets} does not define")
+        raise InputError(f"{ground_truth} uses ILSVRC2012_IDs {bad[:5]} that {synsets} does not define")
     return {f"ILSVRC2012_val_{i + 1:08d}": table[cls] for i, cls in enumerate(ids)}
 
 
 def _read_synsets(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        raise InputError(f"--synsets {path} does not exist (the devkit's ILSVRC2012_ID -> wnid table)")
     table: dict[int, str] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.replace(",", " ").split()
@@ -56,10 +66,10 @@ def _read_synsets(path: Path) -> dict[int, str]:
         elif WNID.match(parts[0]):
             table[len(table) + 1] = parts[0]
         else:
-            raise ValueError(f"{path}:{lineno}: expected 'wnid' or 'ILSVRC2012_ID wnid', got {line!r}")
+            raise InputError(f"{path}:{lineno}: expected 'wnid' or 'ILSVRC2012_ID wnid', got {line!r}")
     wnids = [table[k] for k in sorted(table)]
     if len(wnids) > 1 and wnids == sorted(wnids):
-        raise ValueError(
+        raise InputError(
             f"{path} lists the wnids in sorted order, which is not the devkit's ILSVRC2012_ID order "
             f"(it looks like LOC_synset_mapping.txt); with it every validation label would be wrong. "
             f"Export the (ILSVRC2012_ID, WNID) pairs of the devkit's meta.mat, or use LOC_val_solution.csv")
@@ -82,7 +92,7 @@ def prepare_val(val_dir: str | os.PathLike, ground_truth: str | os.PathLike, syn
     their class folder are counted, not moved); never overwrites an existing destination."""
     val_dir = Path(val_dir)
     if not val_dir.is_dir():
-        raise FileNotFoundError(f"{val_dir} is not a directory (the folder of ILSVRC2012_val_*.JPEG)")
+        raise InputError(f"{val_dir} is not a directory (the folder of ILSVRC2012_val_*.JPEG)")
     truth = read_ground_truth(ground_truth, synsets)
     report = PrepareReport(classes=len(set(truth.values())))
     flat = {Path(e.name).stem: e.name for e in os.scandir(val_dir) if e.is_file() and is_image_name(e.name)}

@@ -7,6 +7,15 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ran_bench.errors import UserError
+
+
+class UnknownModelError(UserError, KeyError):
+    """A model name that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -73,7 +82,7 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}") from None
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}") from None
 
 
 def list_models(dataset: str | None = None) -> list[str]:
