@@ -557,6 +557,16 @@ def _cycle(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tup
         yield from batches
 
 
+def describe_images(root: str | os.PathLike) -> str:
+    """`ROOT (N JPEGs, K kB mean)` for the training images a row read: a path alone says nothing
+    once the machine that ran the benchmark is gone."""
+    from ran_bench.data import list_samples
+
+    files, _, _ = list_samples(str(root), "train")
+    kb = statistics.mean(Path(f).stat().st_size for f in files) / 1024
+    return f"{root} ({len(files)} JPEGs, {kb:.0f} kB mean)"
+
+
 def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of `loader` across epochs (set_epoch before each pass, as the trainer does)."""
     if len(loader) == 0:
@@ -783,7 +793,7 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
         e2e = Timing(time_steps(trainer_step_fn(accelerator, run_model, optimizer, criterion, _endless(real)),
                                 device=device, steps=args.steps, warmup=args.warmup, repeats=args.repeats),
                      args.batch_size)
-        record.data_root = str(args.data_root)
+        record.data_root = describe_images(args.data_root)
         record.end_to_end_backend = real.backend
         record.end_to_end_images_per_s = e2e.images_per_s
         record.end_to_end_fraction, record.limiter = loader_verdict(timing.images_per_s, e2e.images_per_s)
@@ -873,7 +883,8 @@ def run_data(args: argparse.Namespace) -> BenchRecord:
     args.steps, args.warmup = batches, batches  # one epoch per repeat, one epoch of warm-up
     record = _base_record(args, mode="data", size=args.size, precision="fp32", world_size=1, timing=timing,
                           backend=result["backend"], device=device)
-    record.data_root = (str(args.data_root) if args.data_root else
+    record.data_root = (f"{args.data_root} ({report['images']} JPEGs, {report['mean_file_kb']:.0f} kB mean)"
+                        if args.data_root else
                         f"generated ({report['images']} JPEGs, {report['mean_file_kb']:.0f} kB mean)")
     record.num_threads = threads
     record.channels_last = False  # the loaders' NCHW output is what was measured

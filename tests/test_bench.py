@@ -217,6 +217,7 @@ def test_end_to_end_rate_with_a_real_loader_names_the_limit(tiny_model, tmp_path
     assert r["end_to_end_fraction"] == pytest.approx(r["end_to_end_images_per_s"] / r["images_per_s"])
     # Decoding JPEGs takes far longer than one Linear layer on 4x4 images: the loader limits.
     assert r["limiter"] == "data loader"
+    assert r["data_root"].startswith(f"{tmp_path / 'data'} (8 JPEGs, ")  # 4 classes x 2: what was read
     assert f"--backend torchvision --data-root {tmp_path / 'data'} --num-threads 0" in r["command"]
 
 
@@ -232,6 +233,7 @@ def test_data_mode_times_whole_epochs_of_the_loader(tmp_path):
     r = json.loads(path.read_text())
     assert (r["mode"], r["backend"], r["num_threads"], r["macs"]) == ("data", "torchvision", 0, None)
     assert r["steps"] == 3 and len(r["step_time_s"]) == 2  # 12 images = 3 batches per timed epoch, 2 epochs
+    assert r["data_root"].startswith(f"{tmp_path / 'data'} (12 JPEGs, ")
     assert r["command"].endswith(f"ran-bench bench data --backend torchvision --batch-size 4 --size 8 "
                                  f"--data-root {tmp_path / 'data'} --num-threads 0 --repeats 2")
     assert "## Input pipeline alone" in (out / "README.md").read_text()
