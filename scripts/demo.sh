@@ -14,8 +14,9 @@ start=$(date +%s)
 if [ ! -d data/demo/train ]; then
   ran-bench data make-demo data/demo
 fi
-# CPU: threads per process so that NPROC processes share the cores instead of oversubscribing them.
-if ! python -c 'import torch, sys; sys.exit(torch.cuda.is_available())'; then
+# CPU only: threads per process so that NPROC processes share the cores instead of oversubscribing
+# them (torchrun would give each 1 thread). The check exits 1 when there is no CUDA device.
+if ! python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 torchrun --standalone --nproc_per_node "$NPROC" -m ran_bench train --config configs/demo.yaml --run-dir "$RUN_DIR" "$@"
