@@ -25,7 +25,7 @@ def _convert(value: str):
 
 
 @lru_cache(maxsize=None)
-def _load(name: str) -> tuple[dict, ...]:
+def _load_text(name: str) -> tuple[dict, ...]:
     path = PAPER_DIR / f"{name}.csv"
     if not path.is_file():
         raise FileNotFoundError(
@@ -33,12 +33,23 @@ def _load(name: str) -> tuple[dict, ...]:
             "reports/paper/ (install with `pip install -e .` from a clone)"
         )
     with path.open(newline="") as f:
-        return tuple({k: _convert(v) for k, v in row.items()} for row in csv.DictReader(f))
+        return tuple(csv.DictReader(f))
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> tuple[dict, ...]:
+    return tuple({k: _convert(v) for k, v in row.items()} for row in _load_text(name))
 
 
 def load_table(name: str) -> list[dict]:
     """Rows of reports/paper/<name>.csv with numbers converted and empty cells as None."""
     return [dict(row) for row in _load(name)]
+
+
+def load_table_text(name: str) -> list[dict]:
+    """Rows of reports/paper/<name>.csv as the strings the paper prints ("20.50", not 20.5), in the
+    order of `load_table(name)`: for display, where converting would drop the paper's digits."""
+    return [dict(row) for row in _load_text(name)]
 
 
 def table7_row(model: str) -> dict | None:

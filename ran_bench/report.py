@@ -5,8 +5,11 @@ CIFAR ablations (Tables 1, 3, 5 and 6). Every measured number comes from a run d
 multiply-adds and errors from `results.json`, curves from `metrics.jsonl`, the model's
 ablation options from `config.yaml`. A row without a run says "not run"; nothing is filled in
 or estimated. How each measured number was obtained (data set, how much of the schedule, world
-size, device, precision, GPU-hours) is tabled beside it, so a partial or short run cannot be
-mistaken for a reproduction.
+size, device, precision, GPU-hours) is tabled beside it, and a run's cell in a paper table says
+when it stopped early (partial) or trained on fewer images than the paper's schedule (the share
+of it), or was evaluated on fewer than all the test images, so a partial or short run cannot be
+mistaken for a reproduction. CIFAR rows take only runs trained with the paper's CIFAR
+augmentation (`data.augmentation: cifar`).
 
 Plots are PNG files written next to the markdown and linked with relative paths.
 """
@@ -25,15 +28,17 @@ from typing import Callable
 import yaml
 
 from ran_bench.errors import UserError
-from ran_bench.paper import load_table
+from ran_bench.paper import load_table, load_table_text
 from ran_bench.results import Results, load_results
 
 # The paper's schedules in images (iterations x batch), to say how much of them a run did.
 # ImageNet: 530k iterations at batch 256; CIFAR: 160k iterations at batch 64.
 PAPER_SCHEDULE_IMAGES = {"imagenet": 530_000 * 256, "cifar10": 160_000 * 64, "cifar100": 160_000 * 64}
 PAPER_DATASET_CLASSES = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}
-IMAGENET_VAL_IMAGES = 50_000
+# Images of the test sets the paper reports on: an evaluation on fewer is flagged.
+FULL_TEST_IMAGES = {"imagenet": 50_000, "cifar10": 10_000, "cifar100": 10_000}
 CIFAR_TEST_SIZE = 32
+CIFAR_RECIPE = "4-pixel padding, random 32x32 crop, horizontal flip"
 
 # Constructor defaults of the attention models: a config that does not set an option gets these.
 MODEL_OPTION_DEFAULTS = {"attention": "mixed", "residual_attention": True, "mask": "encoder_decoder"}
@@ -41,6 +46,17 @@ MODEL_OPTION_CHOICES = {
     "attention": ("mixed", "channel", "spatial"),
     "residual_attention": (True, False),
     "mask": ("encoder_decoder", "local_conv"),
+}
+
+# What the recorded speed and cost figures measure (the trainer's definitions in results.json).
+THROUGHPUT_DEFINITIONS = {
+    "train": "train images/s: training images of all processes together divided by the seconds "
+             "spent training, summed over every segment of the run (a resumed run adds its segments).",
+    "per_device": "train images/s per device: the same divided by the world size.",
+    "infer": "inference images/s: images of the evaluation pass alone (forward passes on the "
+             "validation set, no training) per second, all processes together.",
+    "gpu_hours": "GPU-hours: device-seconds (devices x seconds) summed over the run's segments on "
+                 "CUDA; 0 on CPU.",
 }
 
 NOT_RUN = "not run"
@@ -86,6 +102,19 @@ class Run:
     @property
     def label_noise(self) -> float:
         return self.results.label_noise
+
+    @property
+    def augmentation(self) -> str:
+        """The training augmentation (`data.augmentation`); results.json files written before the
+        field existed were all trained with the ImageNet transforms."""
+        return getattr(self.results, "augmentation", "imagenet")
+
+    @property
+    def schedule_share(self) -> float | None:
+        """Images seen as a share of the paper's schedule on the run's data set (None off the
+        paper's data sets)."""
+        paper_images = PAPER_SCHEDULE_IMAGES.get(self.dataset)
+        return None if paper_images is None else self.results.images_seen / paper_images
 
     @property
     def status(self) -> str:
@@ -185,9 +214,14 @@ def _unique_labels(runs: list[Run]) -> None:
 # Formatting
 
 
-def _paper(value) -> str:
-    """A paper number as printed in the paper's table, or a dash where it gives none."""
-    return DASH if value is None else str(value)
+def _paper(text: str) -> str:
+    """A paper number as printed in the paper's table (the CSV's string, so "20.50" keeps its
+    digits), or a dash where it gives none."""
+    return text or DASH
+
+
+def _number(text: str) -> float | None:
+    return float(text) if text else None
 
 
 def _diff(measured: float | None, paper: float | None) -> str:
@@ -197,7 +231,16 @@ def _diff(measured: float | None, paper: float | None) -> str:
 
 
 def _percent(fraction: float) -> str:
-    return f"{100 * fraction:.3g}%"
+    """Three significant digits, but a fraction below 1 never reads "100%": it gets more digits
+    (99.96%), so a run short of its schedule cannot pass for a whole one."""
+    percent = 100 * fraction
+    if fraction >= 1:
+        return f"{percent:,.0f}%"
+    for digits in range(3, 12):
+        text = f"{percent:.{digits}g}"
+        if float(text) < 100:
+            return f"{text}%"
+    return f"{math.floor(percent * 1e9) / 1e9:.9f}%"
 
 
 def _duration(seconds: float) -> str:
@@ -207,7 +250,21 @@ def _duration(seconds: float) -> str:
 
 
 def _run_cell(run: Run) -> str:
-    return f"{run.label} (partial)" if run.results.partial else run.label
+    """The run's label, marked when it stopped before the end of its own schedule (partial) and
+    when it saw fewer images than the paper's schedule: a 1000-step run is not a reproduction."""
+    marks = ["partial"] if run.results.partial else []
+    share = run.schedule_share
+    if share is not None and share < 1:
+        marks.append(f"{_percent(share)} of the paper's schedule")
+    return f"{run.label} ({', '.join(marks)})" if marks else run.label
+
+
+def _err_cell(err: float, evaluation, dataset: str) -> str:
+    """A measured error, with the image count when the evaluation did not cover the whole test set."""
+    full = FULL_TEST_IMAGES.get(dataset)
+    if full is None or evaluation.num_samples == full:
+        return f"{err:.2f}"
+    return f"{err:.2f} ({evaluation.num_samples:,} of {full:,} images)"
 
 
 def _options_text(run: Run) -> str:
@@ -252,14 +309,14 @@ def _table7(runs: list[Run]) -> tuple[list[str], list[tuple[dict, Run]]]:
                "top-1 err % (measured)", "Δ top-1", "top-5 err % (paper)", "top-5 err % (measured)",
                "Δ top-5", "run"]
     rows, matched = [], []
-    for row in load_table("table7_imagenet"):
+    for row, text in zip(load_table("table7_imagenet"), load_table_text("table7_imagenet")):
         size = row["test_size"]
         paper_cells = [row["network"], str(size)]
         row_runs = [r for r in runs if _is_table7_run(r, row)]
         if not row_runs:
-            rows.append(paper_cells + [_paper(row["params_m"]), NOT_RUN, DASH, _paper(row["flops_g"]),
-                                       NOT_RUN, DASH, _paper(row["top1_err"]), NOT_RUN, DASH,
-                                       _paper(row["top5_err"]), NOT_RUN, DASH, NOT_RUN])
+            rows.append(paper_cells + [_paper(text["params_m"]), NOT_RUN, DASH, _paper(text["flops_g"]),
+                                       NOT_RUN, DASH, _paper(text["top1_err"]), NOT_RUN, DASH,
+                                       _paper(text["top5_err"]), NOT_RUN, DASH, NOT_RUN])
             continue
         for run in row_runs:
             matched.append((row, run))
@@ -275,12 +332,13 @@ def _table7(runs: list[Run]) -> tuple[list[str], list[tuple[dict, Run]]]:
             ev = res.evaluation(size)
             if ev is None:
                 missing = f"not evaluated at {size}"
-                err_cells = [_paper(row["top1_err"]), missing, DASH, _paper(row["top5_err"]), missing, DASH]
+                err_cells = [_paper(text["top1_err"]), missing, DASH, _paper(text["top5_err"]), missing, DASH]
             else:
-                err_cells = [_paper(row["top1_err"]), f"{ev.top1_err:.2f}", _diff(ev.top1_err, row["top1_err"]),
-                             _paper(row["top5_err"]), f"{ev.top5_err:.2f}", _diff(ev.top5_err, row["top5_err"])]
-            rows.append(paper_cells + [_paper(row["params_m"]), f"{params_m:.2f}", _diff(params_m, row["params_m"]),
-                                       _paper(row["flops_g"]), macs_cell, macs_diff, *err_cells, _run_cell(run)])
+                err_cells = [_paper(text["top1_err"]), _err_cell(ev.top1_err, ev, run.dataset),
+                             _diff(ev.top1_err, row["top1_err"]), _paper(text["top5_err"]),
+                             _err_cell(ev.top5_err, ev, run.dataset), _diff(ev.top5_err, row["top5_err"])]
+            rows.append(paper_cells + [_paper(text["params_m"]), f"{params_m:.2f}", _diff(params_m, row["params_m"]),
+                                       _paper(text["flops_g"]), macs_cell, macs_diff, *err_cells, _run_cell(run)])
     return markdown_table(headers, rows), matched
 
 
@@ -293,9 +351,9 @@ class Entry:
     """One cell of a paper table that a run can reproduce."""
 
     labels: list[str]  # the row's identifying columns
-    err: float  # the paper's error, percent
+    err: str  # the paper's error in percent, as printed
     match: Callable[[Run], bool]
-    params_m: float | None = None
+    params_m: str = ""  # the paper's params (1e6), as printed; "" where not a column
 
 
 @dataclass
@@ -308,11 +366,13 @@ class Section:
 
 
 def _cifar_match(model: str, dataset: str = "cifar10", noise: float = 0.0, **options) -> Callable[[Run], bool]:
+    """A run of `model` on `dataset` with these options and label noise, trained with the paper's
+    CIFAR augmentation (a run with the ImageNet transforms is not the paper's recipe)."""
     want = {**MODEL_OPTION_DEFAULTS, **options}
 
     def match(run: Run) -> bool:
         return (run.model == model and run.dataset == dataset and run.options == want
-                and math.isclose(run.label_noise, noise, abs_tol=1e-9))
+                and math.isclose(run.label_noise, noise, abs_tol=1e-9) and run.augmentation == "cifar")
 
     return match
 
@@ -324,23 +384,24 @@ def cifar_sections() -> list[Section]:
         "Mixed (f1, sigmoid), channel (f2, L2 normalisation over channels) and spatial (f3, "
         "per-channel normalisation then sigmoid) attention; `model.options.attention` in the run's config.",
         ["network", "attention"],
-        [Entry([r["network"], r["attention"]], r["top1_err"], _cifar_match(r["model"], r["dataset"], attention=r["attention"]))
-         for r in load_table("table1_attention_type")],
+        [Entry([r["network"], r["attention"]], text["top1_err"],
+               _cifar_match(r["model"], r["dataset"], attention=r["attention"]))
+         for r, text in zip(load_table("table1_attention_type"), load_table_text("table1_attention_type"))],
     )
     t3 = Section(
         "Table 3: attention residual learning (ARL) vs naive attention learning (NAL), CIFAR-10",
         "ARL: (1 + M) * T; NAL: M * T; `model.options.residual_attention` true or false in the run's config.",
         ["network", "learning"],
-        [Entry([r["network"], kind], r[f"{kind.lower()}_err"],
+        [Entry([r["network"], kind], text[f"{kind.lower()}_err"],
                _cifar_match(r["model"], r["dataset"], residual_attention=kind == "ARL"))
-         for r in load_table("table3_arl_nal") for kind in ("ARL", "NAL")],
+         for r, text in zip(load_table("table3_arl_nal"), load_table_text("table3_arl_nal")) for kind in ("ARL", "NAL")],
     )
     t5 = Section(
         "Table 5: noisy labels (CIFAR-10)",
         "A fraction of the training labels changed to a different class (`data.label_noise`).",
         ["label noise", "network"],
-        [Entry([f"{r['label_noise']:.0%}", network], r[column], _cifar_match(model, noise=r["label_noise"]))
-         for r in load_table("table5_label_noise")
+        [Entry([f"{r['label_noise']:.0%}", network], text[column], _cifar_match(model, noise=r["label_noise"]))
+         for r, text in zip(load_table("table5_label_noise"), load_table_text("table5_label_noise"))
          for network, model, column in (("ResNet-164", "cifar_resnet164", "resnet164_err"),
                                         ("Attention-92", "cifar_attention92", "attention92_err"))],
     )
@@ -348,9 +409,10 @@ def cifar_sections() -> list[Section]:
         "Table 6: CIFAR-10 and CIFAR-100",
         "Rows without a ran-bench model (ResNet-1001, WRN) can only say not run.",
         ["network", "data set"],
-        [Entry([r["network"], name], r[f"{dataset}_err"],
-               _cifar_match(r["model"], dataset) if r["model"] else (lambda run: False), r["params_m"])
-         for r in load_table("table6_cifar") for dataset, name in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"))],
+        [Entry([r["network"], name], text[f"{dataset}_err"],
+               _cifar_match(r["model"], dataset) if r["model"] else (lambda run: False), text["params_m"])
+         for r, text in zip(load_table("table6_cifar"), load_table_text("table6_cifar"))
+         for dataset, name in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"))],
         with_params=True,
     )
     return [t1, t3, t5, t6]
@@ -372,12 +434,12 @@ def _section_table(section: Section, runs: list[Run]) -> tuple[list[str], list[R
             params = []
             if section.with_params:
                 params_m = run.results.params / 1e6
-                params = [_paper(entry.params_m), f"{params_m:.2f}", _diff(params_m, entry.params_m)]
+                params = [_paper(entry.params_m), f"{params_m:.2f}", _diff(params_m, _number(entry.params_m))]
             ev = run.results.evaluation(CIFAR_TEST_SIZE)
             if ev is None:
                 errs = [_paper(entry.err), f"not evaluated at {CIFAR_TEST_SIZE}", DASH]
             else:
-                errs = [_paper(entry.err), f"{ev.top1_err:.2f}", _diff(ev.top1_err, entry.err)]
+                errs = [_paper(entry.err), _err_cell(ev.top1_err, ev, run.dataset), _diff(ev.top1_err, _number(entry.err))]
             rows.append(entry.labels + params + errs + [_run_cell(run)])
     return markdown_table(headers, rows), matched
 
@@ -394,15 +456,18 @@ def _provenance(runs: list[Run]) -> list[str]:
     for run in runs:
         res = run.results
         paper_images = PAPER_SCHEDULE_IMAGES.get(run.dataset)
-        schedule = DASH if paper_images is None else f"{_percent(res.images_seen / paper_images)} of {paper_images:,} images"
-        evals = "; ".join(f"{e.size}: {e.num_samples:,}" for e in sorted(res.evaluations, key=lambda e: e.size))
-        if run.dataset == "imagenet" and any(e.num_samples != IMAGENET_VAL_IMAGES for e in res.evaluations):
-            evals += f" (not the full {IMAGENET_VAL_IMAGES:,}-image validation set)"
+        schedule = DASH if paper_images is None else f"{_percent(run.schedule_share)} of {paper_images:,} images"
+        evals = "; ".join(_evaluated(e) for e in sorted(res.evaluations, key=lambda e: e.size))
+        full = FULL_TEST_IMAGES.get(run.dataset)
+        if full is not None and any(e.num_samples != full for e in res.evaluations):
+            evals += f" (not the full {full:,}-image {'validation' if run.dataset == 'imagenet' else 'test'} set)"
         data = f"{res.dataset} ({res.num_classes} classes)"
         if res.label_noise:
             data += f", {res.label_noise:g} label noise"
         if res.skipped_images:
-            data += f", {res.skipped_images} unreadable images replaced"
+            data += f", {res.skipped_images} unreadable training images replaced"
+        if run.dataset in ("cifar10", "cifar100") or run.augmentation != "imagenet":
+            data += f", {run.augmentation} augmentation"
         gpu_hours = f"{res.gpu_hours:.2f}" if res.device_type == "cuda" else f"0 ({res.device_type})"
         rows.append([run.label, res.model, data, run.status,
                      f"{res.steps:,} / {res.total_steps:,} ({_percent(res.steps / res.total_steps) if res.total_steps else DASH})",
@@ -410,6 +475,12 @@ def _provenance(runs: list[Run]) -> list[str]:
                      f"{res.world_size} x {res.device_name}", res.precision, _duration(res.wall_time_s),
                      gpu_hours, evals or "not evaluated", res.git_commit[:10] or DASH])
     return markdown_table(headers, rows)
+
+
+def _evaluated(ev) -> str:
+    """`size: images` of one evaluation, with the unreadable validation images it replaced."""
+    skipped = getattr(ev, "skipped_images", 0)  # absent before results.json recorded it
+    return f"{ev.size}: {ev.num_samples:,}" + (f" ({skipped:,} unreadable, replaced)" if skipped else "")
 
 
 def _other_runs(runs: list[Run]) -> list[str]:
@@ -425,6 +496,9 @@ def _other_runs(runs: list[Run]) -> list[str]:
             why = "model is not in Table 7"
         elif run.dataset == "imagenet":
             why = "options or label noise differ from Table 7"
+        elif run.augmentation != "cifar":
+            why = (f"trained with the {run.augmentation} augmentation (data.augmentation: {run.augmentation}), "
+                   f"not the paper's CIFAR recipe ({CIFAR_RECIPE}; data.augmentation: cifar)")
         else:
             why = "model, options or label noise match no CIFAR table row"
         base = [run.label, res.model, res.dataset, _options_text(run), why, f"{res.params / 1e6:.3g}",
@@ -523,7 +597,7 @@ def plot_table7(matched: list[tuple[dict, Run]], path: Path) -> None:
             if row[key] is not None:
                 ax.plot([row[key], x], [row["top1_err"], ev.top1_err], color="tab:orange",
                         linestyle="--", linewidth=0.8)
-            ax.annotate(run.label + (" (partial)" if run.results.partial else ""), (x, ev.top1_err),
+            ax.annotate(_run_cell(run), (x, ev.top1_err),
                         fontsize=6, color="tab:orange", xytext=(3, -8), textcoords="offset points")
         ax.set(xlabel=xlabel, ylabel="top-1 error % (single crop, row's test size)")
         ax.grid(alpha=0.3)
@@ -552,8 +626,11 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
              f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}. Paper: Wang et al., "
              "\"Residual Attention Network for Image Classification\", CVPR 2017 (numbers in "
              "`reports/paper/`). Measured numbers come only from the runs' `results.json`; a row "
-             "without a run says \"not run\", a run stopped before the end of its schedule is marked "
-             "(partial). Δ = measured − paper; error differences are in percentage points.", ""]
+             "without a run says \"not run\"; a run's cell says \"partial\" when it stopped before the end of "
+             "its own schedule and gives the share of the paper's schedule (images seen) when it trained "
+             "on fewer images than the paper. CIFAR rows take only runs trained with the paper's CIFAR "
+             f"augmentation ({CIFAR_RECIPE}). Δ = measured − paper; error differences are in percentage "
+             "points.", ""]
 
     table7, matched7 = _table7(runs)
     cifar = any(r.dataset in ("cifar10", "cifar100") for r in runs)
@@ -577,9 +654,11 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
     if sections:
         for section, table, _ in sections:
             lines += [f"## {section.title}", "", section.note, "", *table, ""]
-        lines += ["Table 4 (mask structure): the paper reports the encoder-decoder (bottom-up top-down) "
-                  "mask about 0.94 points better than local convolutions on CIFAR-10; runs with "
-                  "`model.options.mask: local_conv` are listed under other runs.", ""]
+        lines += ["Table 4 (mask structure) is not reproduced as a table: its numbers are not in "
+                  "`reports/paper/`. A blog summary of the paper (not the paper itself) states the "
+                  "encoder-decoder (bottom-up top-down) mask is about 0.94 points better than local "
+                  "convolutions on CIFAR-10; runs with `model.options.mask: local_conv` are listed under "
+                  "other runs.", ""]
 
     if others:
         lines += ["## Other runs", "",
@@ -588,10 +667,12 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
 
     lines += ["## How each measured number was obtained", "",
               "Steps are optimizer steps of the run's configured schedule; the paper's schedule is "
-              "530k iterations at batch 256 on ImageNet and 160k at batch 64 on CIFAR. GPU-hours = "
-              "world size x wall time on CUDA.", "", *_provenance(runs), ""]
+              "530k iterations at batch 256 on ImageNet and 160k at batch 64 on CIFAR. "
+              f"{THROUGHPUT_DEFINITIONS['gpu_hours']}", "", *_provenance(runs), ""]
 
-    lines += ["## Throughput", "", "As recorded by each run in results.json.", "", *_throughput(runs), ""]
+    lines += ["## Throughput", "", "As recorded by each run in results.json:", "",
+              *(f"- {THROUGHPUT_DEFINITIONS[key]}" for key in ("train", "per_device", "infer")), "",
+              *_throughput(runs), ""]
 
     plot_curves = output.with_name(f"{stem}_training.png")
     lines += ["## Training curves", ""]

@@ -16,13 +16,13 @@ from ran_bench.results import Evaluation, Results, ResultsError
 
 
 def make_run(root: Path, name: str, *, config: dict | None = None, metrics: list[dict] | None = None,
-             evaluations: list[tuple[int, float, float]] = (), **fields) -> Path:
+             evaluations: list[tuple[int, float, float]] = (), num_samples: int = 50_000, **fields) -> Path:
     """A run directory as `ran-bench train` leaves it: results.json, config.yaml, metrics.jsonl."""
     run = root / name
     values = dict(
         model="attention56", dataset="imagenet", data_root="/data/imagenet", num_classes=1000,
         params=31_810_728, macs=6_271_000_000, macs_input_size=224, train_size=224,
-        evaluations=[Evaluation(size=s, top1_err=t1, top5_err=t5, num_samples=50_000, step=0)
+        evaluations=[Evaluation(size=s, top1_err=t1, top5_err=t5, num_samples=num_samples, step=0)
                      for s, t1, t5 in evaluations],
         steps=530_000, total_steps=530_000, images_seen=530_000 * 256, epochs=105.9,
         global_batch_size=256, world_size=8, device_type="cuda", device_name="NVIDIA H100",
@@ -107,7 +107,49 @@ def test_table7_rows_hold_paper_measured_and_differences(imagenet_report):
         ("320", "19.5", "23.10", "+3.60")
     assert (a92["top-5 err % (paper)"], a92["top-5 err % (measured)"], a92["Δ top-5"]) == ("4.8", "6.90", "+2.10")
     assert (a92["params M (measured)"], a92["Δ params M"]) == ("52.47", "+1.17")
-    assert a92["run"] == "ran92_partial (partial)"
+    # Stopped at 100k of its 530k steps: partial, and short of the paper's schedule.
+    assert a92["run"] == "ran92_partial (partial, 18.9% of the paper's schedule)"
+
+
+def test_a_short_schedule_is_never_shown_as_a_reproduction(tmp_path, monkeypatch):
+    """A run that completed its own 1000-step schedule still saw 0.19% of the paper's 530k x 256
+    images: its cell and its plot label say so."""
+    annotations = []
+    from matplotlib.axes import Axes
+
+    original = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: annotations.append(text) or original(ax, text, *a, **k))
+    run = make_run(tmp_path, "ran56_1k", steps=1000, total_steps=1000, images_seen=1000 * 256, epochs=0.2,
+                   evaluations=[(224, 99.0, 97.0)])
+    full = make_run(tmp_path, "ran92_full", model="attention92", evaluations=[(320, 19.9, 4.9)])
+    tables = parse_tables(report.write_report([run, full], tmp_path / "r.md").read_text())
+    rows = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
+    assert rows["Attention-56"]["run"] == "ran56_1k (0.189% of the paper's schedule)"
+    assert rows["Attention-92"]["run"] == "ran92_full"  # the paper's 530k x 256 images: no mark
+    assert "ran56_1k (0.189% of the paper's schedule)" in annotations
+    assert "ran92_full" in annotations
+
+
+def test_percent_never_rounds_a_partial_up_to_100():
+    assert report._percent(529_800 / 530_000) == "99.96%"
+    assert report._percent((135_680_000 - 1) / 135_680_000) == "99.999999%"
+    assert report._percent(1.0) == "100%"
+    assert report._percent(13.25) == "1,325%"  # a run longer than the paper's schedule
+    assert report._percent(100_000 / 530_000) == "18.9%"
+
+
+def test_paper_numbers_are_shown_as_printed(tmp_path):
+    """The paper's digits are kept: Table 6 prints 20.50 for WRN-28-10 on CIFAR-100, not 20.5."""
+    run = make_run(tmp_path, "c10", model="cifar_attention92", dataset="cifar10", num_classes=10,
+                   params=1_950_000, macs=2 * 10**8, macs_input_size=32, train_size=32, augmentation="cifar",
+                   evaluations=[(32, 5.0, 0.2)], num_samples=10_000)
+    text = report.write_report([run], tmp_path / "r.md").read_text()
+    t6 = {(r["network"], r["data set"]): r for r in table_with(parse_tables(text), "network", "data set")["rows"]}
+    assert t6["WRN-28-10", "CIFAR-100"]["top-1 err % (paper)"] == "20.50"
+    assert t6["WRN-16-8", "CIFAR-10"]["params M (paper)"] == "11.0"
+    # Table 4's gap is from a blog summary, not from the paper (reference/paper.md): said so.
+    table4 = next(line for line in text.splitlines() if line.startswith("Table 4"))
+    assert "A blog summary of the paper (not the paper itself) states" in table4 and "0.94" in table4
 
 
 def test_rows_without_a_run_say_not_run_and_keep_the_paper_numbers(imagenet_report):
@@ -200,7 +242,8 @@ def test_run_not_evaluated_at_the_rows_test_size(tmp_path):
 
 def test_cifar_runs_fill_their_ablation_rows(tmp_path):
     cifar = dict(dataset="cifar10", num_classes=10, macs_input_size=32, train_size=32, steps=160_000,
-                 total_steps=160_000, images_seen=160_000 * 64, global_batch_size=64, world_size=1)
+                 total_steps=160_000, images_seen=160_000 * 64, global_batch_size=64, world_size=1,
+                 augmentation="cifar", num_samples=10_000)
     runs = [
         make_run(tmp_path, "spatial", model="cifar_attention56", params=850_000, macs=10**8,
                  config={"model": {"name": "cifar_attention56", "options": {"attention": "spatial"}}},
@@ -250,6 +293,40 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
     other = table_with(tables, "why not in a paper table")["rows"]
     assert [(r["run"], r["options"]) for r in other] == [("localconv", "local_conv mask"), ("p2", "p=2")]
     assert other[0]["why not in a paper table"] == "model, options or label noise match no CIFAR table row"
+
+
+def test_cifar_tables_take_only_the_papers_cifar_recipe(tmp_path):
+    """A CIFAR run trained with the ImageNet transforms is not the paper's recipe (4-pixel padding,
+    random crop, flip): it goes to other runs with that reason, also when results.json predates
+    the augmentation field. An evaluation on part of the 10,000 test images is flagged."""
+    cifar = dict(model="cifar_attention92", dataset="cifar10", num_classes=10, params=1_950_000, macs=2 * 10**8,
+                 macs_input_size=32, train_size=32, steps=160_000, total_steps=160_000, images_seen=160_000 * 64,
+                 global_batch_size=64, world_size=1)
+    recipe = make_run(tmp_path, "recipe", augmentation="cifar", evaluations=[(32, 5.1, 0.2)], num_samples=5_000,
+                      **cifar)
+    imagenet_aug = make_run(tmp_path, "imagenet_aug", augmentation="imagenet", evaluations=[(32, 6.0, 0.3)],
+                            num_samples=10_000, **cifar)
+    old = make_run(tmp_path, "old", augmentation="imagenet", evaluations=[(32, 6.2, 0.3)], num_samples=10_000, **cifar)
+    data = json.loads((old / "results.json").read_text())
+    del data["augmentation"]  # written before the field existed: the ImageNet transforms
+    (old / "results.json").write_text(json.dumps(data))
+
+    tables = parse_tables(report.write_report([recipe, imagenet_aug, old], tmp_path / "r.md").read_text())
+    t6 = {(r["network"], r["data set"]): r for r in table_with(tables, "network", "data set")["rows"]}
+    assert t6["Attention-92", "CIFAR-10"]["run"] == "recipe"
+    assert t6["Attention-92", "CIFAR-10"]["top-1 err % (measured)"] == "5.10 (5,000 of 10,000 images)"
+    t3 = {(r["network"], r["learning"]): r for r in table_with(tables, "learning")["rows"]}
+    assert t3["Attention-92", "ARL"]["run"] == "recipe"
+    other = {r["run"]: r for r in table_with(tables, "why not in a paper table")["rows"]}
+    assert sorted(other) == ["imagenet_aug", "old"]
+    for row in other.values():
+        assert row["why not in a paper table"] == (
+            "trained with the imagenet augmentation (data.augmentation: imagenet), not the paper's CIFAR "
+            "recipe (4-pixel padding, random 32x32 crop, horizontal flip; data.augmentation: cifar)")
+    prov = {r["run"]: r for r in table_with(tables, "of the paper's schedule")["rows"]}
+    assert prov["recipe"]["evaluated (size: images)"] == "32: 5,000 (not the full 10,000-image test set)"
+    assert prov["imagenet_aug"]["evaluated (size: images)"] == "32: 10,000"
+    assert prov["recipe"]["data set"] == "cifar10 (10 classes), cifar augmentation"
 
 
 def test_missing_results_json_names_the_file(tmp_path, capsys):
