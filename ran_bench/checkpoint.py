@@ -6,7 +6,8 @@ unpickles arbitrary objects. It holds the model, optimizer, LR scheduler and gra
 the step and epoch, and for every rank its RNG states and data-loader position, which is what an
 exact resume needs. The main process writes it atomically (temporary file in the same folder,
 fsync, rename, fsync of the folder): a crash leaves the previous checkpoint or the new one,
-never a half-written file under a checkpoint's name. The newest `keep_last` are kept.
+never a half-written file under a checkpoint's name. The newest `keep_last` are kept;
+an unreadable one found on resume is renamed aside (`load_latest`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ran_bench.errors import UserError
 from ran_bench.fileio import atomic_write
 
 FORMAT = "ran-bench-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the training record (device, precision, cumulative throughput and GPU time)
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 log = logging.getLogger("ran_bench.checkpoint")
@@ -84,7 +85,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"format={FORMAT!r}); ran-bench only resumes from its own checkpoints")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {state.get('version')!r}, this "
-                              f"ran-bench reads version {VERSION}")
+                              f"ran-bench reads version {VERSION}; resume it with the ran-bench version that wrote "
+                              f"it, or start the run again in a new run directory")
     return state
 
 
@@ -92,19 +94,30 @@ def load_latest(ckpt_dir: str | os.PathLike, warn: Callable[[str], None] = log.w
                 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint of a folder and its state, or None when there is none.
 
-    An unreadable newer file is reported through `warn` and the previous one is used; if every
-    file is unreadable, CheckpointError lists them (restarting from scratch silently would
-    throw away the run)."""
+    An unreadable newer file is reported through `warn`, renamed to `step_XXXXXXXX.pt.corrupt`
+    and the previous one is used: renamed, it no longer counts as the newest checkpoint nor takes
+    one of the `keep_last` slots, so pruning cannot delete the good checkpoints written after it
+    and keep it. If every file is unreadable, CheckpointError lists them and nothing is renamed
+    (restarting from scratch silently would throw away the run)."""
     paths = list_checkpoints(ckpt_dir)
-    errors = []
+    errors: list[tuple[Path, str]] = []
     for path in reversed(paths):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except CheckpointError as e:
-            errors.append(str(e))
-            warn(f"{e}; falling back to the previous checkpoint")
+            errors.append((path, str(e)))
+            continue
+        for bad, message in errors:
+            aside = bad.with_name(bad.name + ".corrupt")
+            try:
+                bad.replace(aside)
+            except OSError as e:  # a read-only run directory: use the older checkpoint all the same
+                warn(f"{message}; falling back to the previous checkpoint (cannot rename it aside: {e})")
+            else:
+                warn(f"{message}; renamed to {aside.name}, falling back to the previous checkpoint")
+        return path, state
     if errors:
-        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(errors)
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(m for _, m in errors)
                               + "\nmove the folder away to start the run from scratch")
     return None
 

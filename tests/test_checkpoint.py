@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ran_bench.checkpoint import (FORMAT, CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state,
-                                  save_checkpoint, set_rng_state)
+from ran_bench.checkpoint import (FORMAT, VERSION, CheckpointError, list_checkpoints, load_checkpoint, load_latest,
+                                  rng_state, save_checkpoint, set_rng_state)
 
 
 def _state(step: int) -> dict:
@@ -41,7 +41,29 @@ def test_truncated_newest_falls_back_to_the_previous_one_with_a_clear_message(tm
     assert path.name == "step_00000001.pt" and state["step"] == 1
     assert len(warnings) == 1
     assert str(newest) in warnings[0] and "truncated or corrupt" in warnings[0]
-    assert "falling back to the previous checkpoint" in warnings[0]
+    assert "renamed to step_00000002.pt.corrupt, falling back to the previous checkpoint" in warnings[0]
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_no_longer_takes_a_keep_last_slot(tmp_path):
+    save_checkpoint(tmp_path, 4, _state(4), keep_last=2)
+    corrupt = save_checkpoint(tmp_path, 8, _state(8), keep_last=2)
+    corrupt.write_bytes(b"\0" * 100)
+    path, _ = load_latest(tmp_path, warn=lambda m: None)  # resumes from step 4
+    assert path.name == "step_00000004.pt"
+    save_checkpoint(tmp_path, 5, _state(5), keep_last=1)  # the resumed run's first checkpoint
+    # The fresh checkpoint is kept, not the corrupt one of a later step.
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005.pt"]
+    assert (tmp_path / "step_00000008.pt.corrupt").read_bytes() == b"\0" * 100
+    path, state = load_latest(tmp_path, warn=lambda m: None)
+    assert path.name == "step_00000005.pt" and state["step"] == 5
+
+
+def test_nothing_is_renamed_when_no_checkpoint_is_readable(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _state(step), keep_last=2).write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=r"(?s)no readable checkpoint in .*step_00000002.pt.*step_00000001.pt"):
+        load_latest(tmp_path, warn=lambda m: None)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001.pt", "step_00000002.pt"]
 
 
 def test_foreign_and_unsafe_files_are_refused(tmp_path):
@@ -51,7 +73,7 @@ def test_foreign_and_unsafe_files_are_refused(tmp_path):
         load_checkpoint(plain)
     # A pickled arbitrary object is never unpickled (weights_only=True).
     unsafe = tmp_path / "step_00000002.pt"
-    torch.save({"format": FORMAT, "version": 1, "payload": _Payload()}, unsafe)
+    torch.save({"format": FORMAT, "version": VERSION, "payload": _Payload()}, unsafe)
     with pytest.raises(CheckpointError, match=r"step_00000002.pt: holds pickled Python objects, which ran-bench never loads"):
         load_checkpoint(unsafe)
     with pytest.raises(CheckpointError, match=r"(?s)no readable checkpoint in .*move the folder away"):
