@@ -32,6 +32,19 @@ class ConfigError(ValueError, UserError):
     """A configuration that does not match the schema or is inconsistent."""
 
 
+AUGMENTATIONS = ("imagenet", "cifar")  # data.augmentation, see ran_bench.data.build_loader
+
+# Keys that define a run's trajectory and record. A resumed run must keep them: the optimizer and
+# scheduler states restore the checkpoint's learning rate, momentum and weight decay over new
+# values, the step counter means images only at the old global batch, and results.json would
+# claim a recipe that only part of the run followed. schedule.max_steps is not among them: raising
+# it is how a partial run is continued.
+RESUME_KEYS = ("model.name", "model.options", "data.train_size", "data.label_noise", "data.augmentation",
+               "optim.global_batch_size", "optim.lr_per_256", "optim.momentum", "optim.nesterov",
+               "optim.weight_decay", "optim.label_smoothing", "schedule.kind", "schedule.reference_batch_size",
+               "schedule.total_steps", "schedule.milestones", "schedule.warmup_steps", "seed")
+
+
 # Enum member names are what YAML files and overrides spell.
 class Backend(Enum):
     dali = "dali"  # NVIDIA DALI (GPU JPEG decoding when CUDA is present)
@@ -41,10 +54,10 @@ class Backend(Enum):
 
 
 class Precision(Enum):
-    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    auto = "auto"  # bf16 autocast on GPUs with bf16 hardware (Ampere+), fp16 on older GPUs, fp32 on CPU
     fp32 = "fp32"
     bf16 = "bf16"
-    fp16 = "fp16"  # autocast with a gradient scaler, for GPUs without bf16
+    fp16 = "fp16"  # autocast with a gradient scaler, for GPUs without bf16; CUDA only
 
 
 class ScheduleKind(Enum):
@@ -71,6 +84,9 @@ class DataConfig:
     num_classes: Optional[int] = None  # None: the number of class folders in root/train
     num_threads: Optional[int] = None  # decoding threads/workers per process; None: the loader's default
     label_noise: float = 0.0  # fraction of training labels changed to a different class
+    # "imagenet": random-resized crop + flip, val resize to size/0.875 + centre crop; "cifar": the
+    # paper's CIFAR recipe (4-pixel zero padding + random crop + flip, val on the native images)
+    augmentation: str = "imagenet"
 
 
 @dataclass
@@ -258,6 +274,8 @@ def validate(cfg: Config, where: str = "config", world_size: int | None = None) 
         fail(f"data.test_sizes must list at least one positive size, got {list(cfg.data.test_sizes)}")
     if not 0.0 <= cfg.data.label_noise < 1.0:
         fail(f"data.label_noise is a fraction in [0, 1), got {cfg.data.label_noise}")
+    if cfg.data.augmentation not in AUGMENTATIONS:
+        fail(f"data.augmentation: unknown value {cfg.data.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.data.backend is Backend.synthetic and cfg.data.num_classes is None:
         fail("data.num_classes must be set for the synthetic backend")
     if world_size is not None:
@@ -269,6 +287,49 @@ def validate(cfg: Config, where: str = "config", world_size: int | None = None) 
             fail(f"optim.global_batch_size ({o.global_batch_size}) must be a multiple of world size "
                  f"({world_size}) x optim.per_device_batch_size ({o.per_device_batch_size}) = {per_step}; "
                  f"change optim.per_device_batch_size or the number of processes")
+
+
+def check_resume(saved: Config, new: Config, checkpoint: str) -> None:
+    """Refuse to resume `checkpoint` (trained with `saved`) under a config that changes any of
+    RESUME_KEYS; ConfigError lists each key with its old and new value."""
+    old_values, new_values = _plain(saved), _plain(new)
+    changed = [(key, _select(old_values, key), _select(new_values, key)) for key in RESUME_KEYS
+               if _select(old_values, key) != _select(new_values, key)]
+    if changed:
+        listing = "; ".join(f"{key}: {old!r} in the checkpoint, {value!r} now" for key, old, value in changed)
+        raise ConfigError(
+            f"{checkpoint} was trained with a different recipe ({listing}); resuming would continue with the "
+            f"checkpoint's learning rate, schedule and weights under a config that does not describe them. "
+            f"Keep the old values (drop the overrides, or restore the run's config.yaml), or train with the new "
+            f"ones in a new run directory (--run-dir)")
+
+
+def _plain(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def _select(values: dict, key: str):
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+def mixed_precision(cfg: Config, device_type: str) -> str:
+    """Accelerate's `mixed_precision` ("no", "bf16" or "fp16") for `cfg.precision` on this device.
+
+    auto: bf16 where the GPU has bf16 hardware (compute capability 8+); V100s and T4s only emulate
+    it, slowly, so they get fp16 with a gradient scaler; fp32 on CPU. fp16 needs CUDA: Accelerate
+    silently trains in fp32 on CPU, and the run would be recorded as fp16."""
+    import torch
+
+    if cfg.precision is Precision.auto:
+        if device_type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if cfg.precision is Precision.fp16 and device_type != "cuda":
+        raise ConfigError(f"precision=fp16 needs a CUDA GPU (this run is on {device_type}, where it would silently "
+                          f"train in fp32); use precision=fp32 or precision=auto")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ran_bench.config import ConfigError, gradient_accumulation_steps, load_config, lr_at, validate
+import torch
+
+from ran_bench.config import ConfigError, check_resume, gradient_accumulation_steps, load_config, lr_at, \
+    mixed_precision, validate
 from ran_bench.paper import load_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -96,3 +99,57 @@ def test_overrides_and_cross_field_errors():
         validate(load_config(CONFIGS / "attention92.yaml"), world_size=8)
     with pytest.raises(ConfigError, match="model.name"):
         load_config(None)  # no model chosen
+
+
+def test_augmentation_choice_is_checked():
+    assert load_config(CONFIGS / "attention56.yaml").data.augmentation == "imagenet"
+    assert load_config(CONFIGS / "attention56.yaml", ["data.augmentation=cifar"]).data.augmentation == "cifar"
+    with pytest.raises(ConfigError, match=r"data.augmentation: unknown value 'mnist'; choose one of imagenet, cifar"):
+        load_config(CONFIGS / "attention56.yaml", ["data.augmentation=mnist"])
+
+
+def test_resume_refuses_a_changed_recipe_and_names_each_key():
+    saved = load_config(CONFIGS / "attention92.yaml")
+    with pytest.raises(ConfigError) as e:
+        check_resume(saved, load_config(CONFIGS / "attention92.yaml", [
+            "optim.global_batch_size=512", "optim.lr_per_256=0.2", "schedule.milestones=[1,2,3]"]), "ckpt.pt")
+    message = str(e.value)
+    assert message.startswith("ckpt.pt was trained with a different recipe")
+    assert "optim.global_batch_size: 256 in the checkpoint, 512 now" in message
+    assert "optim.lr_per_256: 0.1 in the checkpoint, 0.2 now" in message
+    assert "schedule.milestones: [200000, 400000, 500000] in the checkpoint, [1, 2, 3] now" in message
+    assert "new run directory (--run-dir)" in message
+    for override in ("model.name=attention56", "model.options={drop_rate: 0.1}", "optim.weight_decay=0.0005",
+                     "schedule.kind=cosine", "data.augmentation=cifar", "seed=1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            check_resume(saved, load_config(CONFIGS / "attention92.yaml", [override]), "ckpt.pt")
+
+
+def test_resume_allows_what_does_not_change_the_recipe():
+    saved = load_config(CONFIGS / "attention92.yaml", ["schedule.max_steps=1000"])
+    # Continuing a partial run, a moved data set, fewer images per GPU (more accumulation), other
+    # evaluation and logging settings.
+    check_resume(saved, load_config(CONFIGS / "attention92.yaml", [
+        "schedule.max_steps=null", "data.root=/elsewhere", "optim.per_device_batch_size=16", "eval.every_steps=10",
+        "log.every_steps=5", "precision=fp32", "checkpoint.keep_last=1"]), "ckpt.pt")
+
+
+def test_fp16_needs_cuda_and_auto_uses_bf16_only_on_bf16_hardware(monkeypatch):
+    with pytest.raises(ConfigError, match=r"precision=fp16 needs a CUDA GPU \(this run is on cpu"):
+        mixed_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]), "cpu")
+    auto = load_config(CONFIGS / "attention56.yaml")
+    assert mixed_precision(auto, "cpu") == "no"
+    calls = []
+
+    def bf16_hardware(answer):
+        def is_bf16_supported(including_emulation=True):
+            calls.append(including_emulation)
+            return answer or including_emulation  # V100/T4: emulated only
+        return is_bf16_supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_hardware(True))
+    assert mixed_precision(auto, "cuda") == "bf16"  # A100, H100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_hardware(False))
+    assert mixed_precision(auto, "cuda") == "fp16"  # V100, T4
+    assert calls == [False, False]
+    assert mixed_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]), "cuda") == "fp16"
