@@ -169,8 +169,18 @@ def test_peak_is_looked_up_by_gpu_name_for_bf16_only(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert bench.resolve_peak(cuda, "bf16", None)[0] == 989.4
     assert bench.resolve_peak(cuda, "fp32", None)[0] is None  # the table holds bf16/fp16 peaks only
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    assert bench.resolve_peak(cuda, "bf16", None)[0] == 125.0  # not A100's
+    # Names match on whole tokens, never as substrings of another product's name.
+    for name, peak in [("NVIDIA A10", 125.0),  # not A100's
+                       ("NVIDIA L40", 181.05), ("NVIDIA L40S", 362.05), ("NVIDIA L4", 121.0),  # not L4's
+                       ("NVIDIA GH200 480GB", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.resolve_peak(cuda, "bf16", None)[0] == peak, name
+    # Unknown variants get no peak (and say so) rather than the peak of a name they contain.
+    for name in ("NVIDIA A10G", "NVIDIA H800", "NVIDIA H20", "NVIDIA GeForce RTX 4090"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peak, source = bench.resolve_peak(cuda, "bf16", None)
+        assert peak is None and source.startswith(f"{name} is not in the peak table") and "--peak-tflops" in source
     assert bench.resolve_peak(torch.device("cpu"), "fp32", None)[0] is None
     assert bench.resolve_peak(torch.device("cpu"), "fp32", 1.5) == (1.5, "given with --peak-tflops")
 
