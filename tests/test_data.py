@@ -254,9 +254,13 @@ def test_odd_files_decode_or_are_replaced(odd, backend, caplog):
     root, paths = odd
     files, labels, _ = list_samples(root, "val")
     assert str(paths["text"]) not in files  # a non-image file is not a sample
+    val = build_loader(root, "val", size=32, batch_size=3, backend=backend, num_threads=1)
     with caplog.at_level(logging.WARNING, logger="ran_bench.data"):
-        x, y = _all(build_loader(root, "val", size=32, batch_size=3, backend=backend, num_threads=1))
+        x, y = _all(val)
     assert x.shape == (len(files), 3, 32, 32) and y.tolist() == labels  # nothing skipped, all RGB
+    assert val.bad_files == [str(paths["truncated"])]
+    _all(val)  # a second evaluation pass: the list holds each file once
+    assert val.bad_files == [str(paths["truncated"])]
     assert str(paths["truncated"]) in caplog.text
     pos = {k: files.index(str(p)) for k, p in paths.items() if k != "text"}
     # the truncated file became a flat mean-colour image: zero after normalisation
@@ -272,7 +276,16 @@ def test_odd_files_decode_or_are_replaced(odd, backend, caplog):
     ld = build_loader(root, "train", size=32, batch_size=2, backend=backend, num_threads=1)
     n = sum(len(y) for _, y in ld)
     assert n == ld.num_samples == 12  # 8 demo + 4 odd images, none lost
-    assert ld.bad_files == [str(root / "train" / "circle" / "odd_truncated.JPEG")]
+    truncated = str(root / "train" / "circle" / "odd_truncated.JPEG")
+    assert ld.bad_files == [truncated]
+    # the list survives a resume (it is the run's count of skipped images), in either backend
+    for other in BACKENDS if data.dali_available() else ["torchvision"]:
+        resumed = build_loader(root, "train", size=32, batch_size=2, backend=other, num_threads=1)
+        resumed.load_state_dict(ld.state_dict())
+        assert resumed.bad_files == [truncated], other
+        resumed.set_epoch(1)
+        assert sum(len(y) for _, y in resumed) == 12 and resumed.bad_files == [truncated]
+        assert resumed.state_dict()["bad_files"] == [truncated]
 
 
 @needs_dali
@@ -285,3 +298,122 @@ def test_odd_files_agree_between_backends(odd):
     for k in ("grayscale", "cmyk", "png", "truncated"):
         i = files.index(str(paths[k]))
         assert (xd[i] - xt[i]).abs().mean() < 0.05, k
+
+
+# -- the CIFAR recipe ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> tuple[Path, dict[str, "np.ndarray"]]:
+    """CIFAR-like PNGs (lossless, so both decoders give the exact pixels): 2 classes x 4 train
+    and x 2 val noise images of 32x32; returns the root and path -> uint8 HWC array."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cifar") / "c"
+    rng = np.random.default_rng(5)
+    arrays = {}
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                path = root / split / c / f"{i}.png"
+                Image.fromarray(a).save(path)
+                arrays[str(path)] = a
+    return root, arrays
+
+
+def _normalised(a) -> torch.Tensor:
+    x = torch.from_numpy(a).permute(2, 0, 1).float()
+    return (x - torch.tensor(data.MEAN_255).view(3, 1, 1)) / torch.tensor(data.STD_255).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_cifar_val_is_the_native_image(cifar, backend):
+    """Test images are used as they are: no resize, no 0.875 centre crop."""
+    root, arrays = cifar
+    files, labels, _ = list_samples(root, "val")
+    x, y = _all(build_loader(root, "val", size=32, batch_size=3, backend=backend, num_threads=1,
+                             augmentation="cifar"))
+    assert y.tolist() == labels
+    for i, f in enumerate(files):
+        torch.testing.assert_close(x[i], _normalised(arrays[f]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_cifar_train_is_a_4px_zero_padded_random_crop_and_flip(cifar, backend):
+    """Every training image is the 32x32 image shifted by -4..4 pixels in each direction with
+    black (pixel value 0) filling the uncovered band, then possibly mirrored."""
+    root, arrays = cifar
+    files, labels, _ = list_samples(root, "train")
+    black = _normalised(torch.zeros(1, 1, 3, dtype=torch.uint8).numpy())
+    seen = set()
+    for epoch in range(4):
+        ld = build_loader(root, "train", size=32, batch_size=4, backend=backend, num_threads=1, seed=2,
+                          augmentation="cifar")
+        ld.set_epoch(epoch)
+        x, y = _all(ld)
+        order = train_indices(len(files), rank=0, world_size=1, seed=2, epoch=epoch, batch_size=4)
+        assert y.tolist() == [labels[i] for i in order] and x.shape == (8, 3, 32, 32)
+        for img, i in zip(x, order):
+            padded = black.expand(3, 40, 40).clone()
+            padded[:, 4:36, 4:36] = _normalised(arrays[files[i]])
+            matches = [(dy, dx, flip) for dy in range(-4, 5) for dx in range(-4, 5) for flip in (False, True)
+                       if torch.allclose(img, (lambda w: w.flip(-1) if flip else w)(
+                           padded[:, 4 + dy:36 + dy, 4 + dx:36 + dx]), atol=1e-5, rtol=0)]
+            assert len(matches) == 1, (epoch, files[i], matches)
+            seen.add(matches[0])
+    assert {flip for _, _, flip in seen} == {False, True}
+    assert any(4 in (abs(dy), abs(dx)) for dy, dx, _ in seen)  # a full 4-pixel black band
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 16  # shifts vary from image to image
+
+
+@needs_dali
+def test_cifar_recipe_crops_the_same_pixels_in_both_backends(demo):
+    """Larger images: shorter side resized to `size` and a centred crop, the same geometry in both."""
+    xd, yd = _all(build_loader(demo, "val", size=24, batch_size=8, backend="dali", num_threads=1,
+                               augmentation="cifar"))
+    xt, yt = _all(build_loader(demo, "val", size=24, batch_size=8, backend="torchvision", num_threads=0,
+                               augmentation="cifar"))
+    assert yd.tolist() == yt.tolist()
+    diffs = _shifted_diffs(xd, xt)
+    aligned = diffs.pop((0, 0))
+    assert aligned.max() < 0.05, aligned
+    assert (aligned < 0.75 * torch.stack(list(diffs.values())).min(0).values).all()
+
+
+def test_unknown_augmentation_names_the_key_and_choices(demo):
+    from ran_bench.errors import InputError
+
+    with pytest.raises(InputError, match=r"data\.augmentation must be one of imagenet, cifar, got 'autoaugment'"):
+        build_loader(demo, "train", size=32, batch_size=4, backend="torchvision", augmentation="autoaugment")
+
+
+# -- decoding threads ---------------------------------------------------------------------------
+def _threads(monkeypatch, cores: int, env: dict[str, str]) -> int:
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                "SLURM_NODEID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    return data.default_num_threads()
+
+
+def test_default_num_threads_divides_a_shared_mask_only(monkeypatch):
+    # torchrun / accelerate launch: 8 ranks share the node's 64 cores
+    assert _threads(monkeypatch, 64, {"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert _threads(monkeypatch, 16, {"LOCAL_WORLD_SIZE": "8"}) == 2
+    # one SLURM task per node (sbatch scripts) with 16 CPUs, 8 ranks launched inside it: shared
+    assert _threads(monkeypatch, 16, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "16",
+                                      "SLURM_STEP_TASKS_PER_NODE": "1"}) == 2
+    # submitit: one task per rank, each bound to its own 8 CPUs (task/affinity): already divided
+    assert _threads(monkeypatch, 8, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "8",
+                                     "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}) == 8
+    assert _threads(monkeypatch, 6, {"LOCAL_WORLD_SIZE": "4", "SLURM_CPUS_PER_TASK": "6",
+                                     "SLURM_TASKS_PER_NODE": "4"}) == 6
+    # the same tasks without CPU binding see the whole node's mask: divide it
+    assert _threads(monkeypatch, 64, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "8",
+                                      "SLURM_STEP_TASKS_PER_NODE": "8"}) == 8
+    assert _threads(monkeypatch, 32, {"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "8",
+                                      "SLURM_STEP_TASKS_PER_NODE": "8"}) == 4
+    assert _threads(monkeypatch, 1, {}) == 1

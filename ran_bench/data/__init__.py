@@ -16,15 +16,17 @@ import torch
 
 from ran_bench.data.folder import (IMG_EXTENSIONS, MEAN_255, STD_255, DatasetLayoutError, find_classes,
                                    list_samples)
-from ran_bench.data.sampling import check_shard_args
+from ran_bench.data.sampling import UnreadableImagesError, check_shard_args
+from ran_bench.errors import InputError
 
 __all__ = ["build_loader", "list_samples", "find_classes", "corrupt_labels", "dali_available",
-           "default_num_threads", "DatasetLayoutError", "IMG_EXTENSIONS", "MEAN_255", "STD_255",
-           "BACKENDS", "IMAGENET_TRAIN_SIZE", "IMAGENET_VAL_SIZE"]
+           "default_num_threads", "DatasetLayoutError", "UnreadableImagesError", "IMG_EXTENSIONS",
+           "MEAN_255", "STD_255", "BACKENDS", "AUGMENTATIONS", "IMAGENET_TRAIN_SIZE", "IMAGENET_VAL_SIZE"]
 
 log = logging.getLogger("ran_bench.data")
 
 BACKENDS = ("dali", "torchvision", "synthetic")
+AUGMENTATIONS = ("imagenet", "cifar")
 IMAGENET_TRAIN_SIZE = 1_281_167
 IMAGENET_VAL_SIZE = 50_000
 
@@ -43,10 +45,33 @@ def dali_available() -> bool:
 
 
 def default_num_threads() -> int:
-    """CPU cores of this machine shared by the processes on it, at most 8 per process."""
+    """This process's share of the CPU cores it may run on, at most 8.
+
+    The affinity mask is shared by the LOCAL_WORLD_SIZE processes of the node (torchrun or
+    `accelerate launch` in one SLURM task), unless every rank is its own SLURM task bound to
+    its own CPUs (submitit, `srun --ntasks-per-node=8 --cpus-per-task=8` with task/affinity):
+    then the mask is this rank's share already and dividing again would leave 1 thread.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, cores // max(1, local)))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if local > 1 and _mask_is_per_rank(cores, local):
+        local = 1
+    return max(1, min(8, cores // local))
+
+
+def _mask_is_per_rank(cores: int, local_world_size: int) -> bool:
+    """True inside a SLURM step with one task per rank on this node whose mask holds at most
+    --cpus-per-task cores."""
+    from ran_bench.slurm_env import SlurmEnvError, tasks_on_node
+
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not per_task.isdigit() or not tasks or cores > int(per_task):
+        return False
+    try:
+        return tasks_on_node(tasks, int(os.environ.get("SLURM_NODEID", "0"))) >= local_world_size
+    except (SlurmEnvError, ValueError):
+        return False
 
 
 def corrupt_labels(labels: list[int], fraction: float, num_classes: int, seed: int) -> list[int]:
@@ -67,19 +92,28 @@ def corrupt_labels(labels: list[int], fraction: float, num_classes: int, seed: i
 def build_loader(root, split: str, *, size: int, batch_size: int, backend: str = "dali", rank: int = 0,
                  world_size: int = 1, num_threads: int | None = None, seed: int = 0,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, device="cpu",
-                 labels: list[int] | None = None, num_classes: int | None = None):
+                 labels: list[int] | None = None, num_classes: int | None = None,
+                 augmentation: str = "imagenet"):
     """A loader of `ROOT/<split>` for one rank: iterate for `(images, labels)` batches on `device`.
 
-    split "train": shuffled per epoch (`loader.set_epoch`) with `seed`, random-resized crop +
-    flip, the ragged tail dropped so all ranks run `len(loader)` batches. Other splits: resize +
-    centre crop, no shuffle, every image exactly once across ranks, last batch possibly smaller.
+    split "train": shuffled per epoch (`loader.set_epoch`) with `seed`, augmented, the ragged tail
+    dropped so all ranks run `len(loader)` batches. Other splits: resize + centre crop, no
+    shuffle, every image exactly once across ranks, last batch possibly smaller.
+    `augmentation` "imagenet": train = random-resized crop + flip, val = shorter side to
+    size / 0.875 + centre crop. "cifar" (the paper's CIFAR recipe): shorter side to `size` +
+    centre crop (the identity for 32x32 images), and for train 4-pixel zero padding, a random
+    size x size crop and a flip. The synthetic backend ignores it.
     `labels` overrides the folder labels (index = position in `list_samples(root, split)[0]`).
     `num_threads` is decoding threads (DALI) or worker processes (torchvision; 0 = in-process).
     backend "dali" falls back to torchvision when DALI is not importable; "synthetic" makes
     random tensors (root may be None: then ImageNet-1K's sample counts, and `num_classes` is needed).
+    Every loader lists the images it replaced by a flat image in `loader.bad_files`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if augmentation not in AUGMENTATIONS:
+        raise InputError(f"data.augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r} "
+                         f"(cifar: the paper's CIFAR recipe, imagenet: random-resized crops)")
     check_shard_args(rank, world_size, batch_size)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -120,7 +154,8 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
     if backend == "dali" and dali_available():
         from ran_bench.data.dali import DaliLoader
 
-        return DaliLoader(files, folder_labels, num_threads=max(1, num_threads), **common)
+        return DaliLoader(files, folder_labels, num_threads=max(1, num_threads), augmentation=augmentation,
+                          **common)
     from ran_bench.data.torchvision_loader import TorchvisionLoader
 
-    return TorchvisionLoader(files, folder_labels, num_threads=num_threads, **common)
+    return TorchvisionLoader(files, folder_labels, num_threads=num_threads, augmentation=augmentation, **common)

@@ -1,8 +1,11 @@
 """The DALI backend: NVIDIA DALI decodes and augments (GPU `mixed` decoding when CUDA is there).
 
-Train: `decoders.image_random_crop` (area 0.08-1, aspect ratio 3/4-4/3, the paper's scale and
-aspect augmentation), resize to `size`, random horizontal flip. Val: decode, resize the shorter
-side to `size / 0.875`, centre crop. Both normalise with the ImageNet mean/std in
+augmentation "imagenet": train = `decoders.image_random_crop` (area 0.08-1, aspect ratio
+3/4-4/3, the paper's scale and aspect augmentation), resize to `size`, random horizontal flip;
+val = decode, resize the shorter side to `size / 0.875`, centre crop. augmentation "cifar":
+decode, resize the shorter side to `size`, centre crop (the identity for 32x32 images); train
+then takes a `size` x `size` window shifted by -4..4 pixels with black outside the image (= 4-pixel
+zero padding + random crop) and flips at random. Both normalise with the ImageNet mean/std in
 `crop_mirror_normalize`, in float32 or float16 (bfloat16 is converted from float32 on the device,
 DALI has no bfloat16 output), NCHW or NHWC (channels_last).
 
@@ -11,21 +14,26 @@ torchvision backend reads) with `shard_id` = global rank and `num_shards` = worl
 training list is cut so all shards are equal and whole batches; validation pads the last batch
 in the reader and `LastBatchPolicy.PARTIAL` drops the padding, so every image counts once.
 
-Resuming: pipelines are built with `enable_checkpointing=True`; `state_dict()` holds the
-iterator's checkpoint (reader position and every random generator), and a loader that loads it
-rebuilds the pipeline from it, so the next batch has the same images and the same crops as the
-uninterrupted run.
+Resuming: pipelines are built with `enable_checkpointing=True`; `state_dict()` asks the
+iterator for its checkpoint (reader position and every random generator) of the last batch
+handed out, and a loader that loads it rebuilds the pipeline from it, so the next batch has the
+same images and the same crops as the uninterrupted run. A state without a DALI checkpoint (saved
+by the torchvision backend) is reached by running the pipeline up to its position.
 
-Unreadable files. Measured with DALI 2.4 on the CPU pipeline: a truncated or non-image file
-makes `run()` raise `RuntimeError` ("Error in CPU operator nvidia.dali.fn.decoders.image ...
-nvImageCodec failure") without naming the file, and the pipeline declares itself invalid.
-Grayscale and CMYK JPEGs decode to RGB and a PNG named .JPEG decodes (the decoder sniffs the
-format), so only genuinely broken files fail. Checking every file up front would cost a full
-decode of the data set per run, so instead: a failing batch is caught, the candidate files
-(the batches the pipeline may have had in flight) are bisected with small DALI pipelines of the
-same decoder to find the broken ones, those are replaced in the file list by a flat mean-colour
-JPEG (zero after normalisation, same label), and the pipeline is rebuilt from the checkpoint
-taken after the last good batch. The file is logged and listed in `loader.bad_files`.
+Unreadable files. Measured with DALI 2.4 on the CPU pipeline: a truncated or non-image file (or
+a format nvImageCodec lacks, such as GIF) makes `run()` raise `RuntimeError` ("Error in CPU
+operator `nvidia.dali.fn.decoders.image` ... nvImageCodec failure") without naming the file, and
+the pipeline declares itself invalid; a file that cannot be read fails in
+`nvidia.dali.fn.readers.file` instead ("File mapping failed: PATH"). Grayscale and CMYK JPEGs
+decode to RGB and a PNG named .JPEG decodes (the decoder sniffs the format). Checking every file
+up front would cost a full decode of the data set per run, so instead, only for a decoder
+failure: the candidate files (the batches the pipeline may have had in flight) are bisected
+with small CPU pipelines of the same decoder (and a full decode, since a random crop can miss
+the broken part of a file) to find the broken ones; each must still be readable from Python
+(else the original error is raised: a file-system fault, not a bad image); they are replaced in
+the file list by a flat mean-colour JPEG (zero after normalisation, same label), and the
+pipeline is rebuilt from the last recovery checkpoint. The file is logged and listed in
+`loader.bad_files`. Reader errors, and more than half a batch of undecodable files, raise.
 """
 
 from __future__ import annotations
@@ -41,13 +49,18 @@ import torch
 from PIL import Image
 
 from ran_bench.data.folder import MEAN_255, STD_255
-from ran_bench.data.sampling import LoaderBase, train_order, train_per_rank, val_range
-from ran_bench.data.torchvision_loader import RATIO, SCALE, val_resize_size
+from ran_bench.data.sampling import LoaderBase, check_bad_share, train_order, train_per_rank, val_range
+from ran_bench.data.torchvision_loader import CIFAR_PAD, RATIO, SCALE, val_resize_size
 
 log = logging.getLogger("ran_bench.data")
 
 READER = "Reader"
 PREFETCH = 2  # DALI's default prefetch_queue_depth
+# Batches between the checkpoints that a failed pipeline is rebuilt from: at most this many good
+# batches are decoded again after an unreadable file, and `checkpoints()` (whose cost the DALI
+# docs warn about) is not called after every batch.
+RECOVERY_EVERY = 32
+DECODER_OP = "nvidia.dali.fn.decoders."  # how DALI names a decoder in its error messages
 
 
 def _placeholder_jpeg(owner: object, size: int) -> str:
@@ -59,9 +72,22 @@ def _placeholder_jpeg(owner: object, size: int) -> str:
     return str(path)
 
 
+def _decode(jpegs, *, train: bool, augmentation: str, device: str):
+    """The pipeline's decoder op: a random-crop decoder for ImageNet training, a full decode
+    otherwise. Shared with `find_undecodable`, which must test files with the same op."""
+    from nvidia.dali import fn, types
+
+    if train and augmentation == "imagenet":
+        return fn.decoders.image_random_crop(
+            jpegs, device=device, output_type=types.RGB, random_area=list(SCALE),
+            random_aspect_ratio=list(RATIO), num_attempts=100)
+    return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+
+
 def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: int, batch_size: int,
                     shard_id: int, num_shards: int, num_threads: int, seed: int, device_id: int | None,
-                    channels_last: bool, fp16: bool, checkpoint: str | None = None):
+                    channels_last: bool, fp16: bool, augmentation: str = "imagenet",
+                    checkpoint: str | None = None):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -71,19 +97,22 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
         jpegs, label = fn.readers.file(
             files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
             random_shuffle=False, stick_to_shard=True, pad_last_batch=not train, name=READER)
-        decoder = "mixed" if gpu else "cpu"
-        if train:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=types.RGB, random_area=list(SCALE),
-                random_aspect_ratio=list(RATIO), num_attempts=100)
+        images = _decode(jpegs, train=train, augmentation=augmentation, device="mixed" if gpu else "cpu")
+        mirror = fn.random.coin_flip(probability=0.5) if train else 0
+        if augmentation == "cifar":
+            images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop(images, crop=(size, size), crop_pos_x=0.5, crop_pos_y=0.5)
+            if train:  # a window shifted by -4..4 px, black outside = zero padding + random crop
+                shift = fn.random.uniform(values=list(range(-CIFAR_PAD, CIFAR_PAD + 1)), shape=[2],
+                                          dtype=types.INT32)
+                images = fn.slice(images, start=shift, shape=[size, size], axis_names="HW",
+                                  out_of_bounds_policy="pad", fill_values=0)
+        elif train:
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
                                antialias=True)
-            mirror = fn.random.coin_flip(probability=0.5)
         else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=val_resize_size(size),
                                interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = 0
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT16 if fp16 else types.FLOAT,
             output_layout="HWC" if channels_last else "CHW", crop=(size, size),
@@ -98,25 +127,38 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
     return pipe
 
 
-def find_undecodable(paths: list[str], *, device_id: int | None = None, num_threads: int = 1) -> list[str]:
-    """The files among `paths` that DALI's decoder cannot decode (bisection with small pipelines)."""
+def is_decoder_error(error: BaseException) -> bool:
+    """True when a DALI pipeline error comes from decoding an image (not from reading a file)."""
+    return DECODER_OP in str(error)
+
+
+def find_undecodable(paths: list[str], *, train: bool = False, augmentation: str = "imagenet",
+                     num_threads: int = 1) -> list[str]:
+    """The files among `paths` that the loader's decoder cannot decode, found by bisection with
+    small CPU pipelines. A file counts as undecodable when the pipeline's decoder op fails on it
+    or a full decode does (a random crop can miss the broken part of a truncated file). Errors
+    that are not decoding errors (a file that cannot be read) propagate."""
     from nvidia.dali import fn, pipeline_def, types
 
     def decodes(part: list[str]) -> bool:
         bs = min(len(part), 32)
 
-        @pipeline_def(batch_size=bs, num_threads=num_threads, device_id=device_id, seed=0)
+        @pipeline_def(batch_size=bs, num_threads=num_threads, device_id=None, seed=0)
         def probe():
             data, _ = fn.readers.file(files=part, pad_last_batch=True)
-            return fn.decoders.image(data, device="mixed" if device_id is not None else "cpu",
-                                     output_type=types.RGB)
+            same = _decode(data, train=train, augmentation=augmentation, device="cpu")
+            if train and augmentation == "imagenet":
+                return same, fn.decoders.image(data, device="cpu", output_type=types.RGB)
+            return same
 
+        pipe = probe()
         try:
-            pipe = probe()
             pipe.build()
             for _ in range(-(-len(part) // bs)):
                 pipe.run()
-        except RuntimeError:
+        except RuntimeError as e:
+            if not is_decoder_error(e):
+                raise
             return False
         finally:
             del pipe
@@ -127,8 +169,8 @@ def find_undecodable(paths: list[str], *, device_id: int | None = None, num_thre
     if len(paths) == 1:
         return list(paths)
     mid = len(paths) // 2
-    return find_undecodable(paths[:mid], device_id=device_id, num_threads=num_threads) + \
-        find_undecodable(paths[mid:], device_id=device_id, num_threads=num_threads)
+    kw = dict(train=train, augmentation=augmentation, num_threads=num_threads)
+    return find_undecodable(paths[:mid], **kw) + find_undecodable(paths[mid:], **kw)
 
 
 class DaliLoader(LoaderBase):
@@ -138,7 +180,7 @@ class DaliLoader(LoaderBase):
 
     def __init__(self, files: list[str], labels: list[int], *, split: str, size: int, batch_size: int,
                  rank: int, world_size: int, num_threads: int, seed: int, channels_last: bool,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, augmentation: str = "imagenet"):
         n = len(files)
         if split == "train":
             num_samples = train_per_rank(n, world_size=world_size, batch_size=batch_size)
@@ -152,6 +194,7 @@ class DaliLoader(LoaderBase):
         self.files = list(files)  # unreadable entries get replaced by the placeholder
         self.labels = list(labels)
         self.size = size
+        self.augmentation = augmentation
         self.num_threads = num_threads
         self.channels_last = channels_last
         self.dtype = dtype
@@ -160,7 +203,7 @@ class DaliLoader(LoaderBase):
         if self.device.type == "cuda" and torch.cuda.is_available():
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self._checkpoint: str | None = None  # DALI checkpoint of a pending resume
-        self._last_checkpoint: str | None = None  # after the last batch handed out
+        self._it = None  # the iterator of the current pass, asked for its checkpoint by state_dict
         self._placeholder: str | None = None
 
     # -- the epoch's file list and pipeline ------------------------------------------------------
@@ -184,45 +227,39 @@ class DaliLoader(LoaderBase):
             files, labels, train=self.train, size=self.size, batch_size=self.batch_size,
             shard_id=self.rank, num_shards=self.world_size, num_threads=self.num_threads,
             seed=self._pipeline_seed(), device_id=self.device_id, channels_last=self.channels_last,
-            fp16=self.dtype == torch.float16, checkpoint=checkpoint)
+            fp16=self.dtype == torch.float16, augmentation=self.augmentation, checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
                                    last_batch_policy=policy, auto_reset=False)
 
-    def _skip_start(self, start: int) -> str | None:
-        """A DALI checkpoint positioned at batch `start` of this epoch (None for the start)."""
-        if start == 0:
-            return None
-        if self._checkpoint is not None:
-            return self._checkpoint
-        # A state saved by another backend: run the pipeline up to the position (same samples,
-        # DALI's own augmentation randomness).
-        it = self._iterator(None)
-        for _ in range(start):
-            next(it)
-        return it.checkpoints()[0]
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._begin()
-        checkpoint = self._skip_start(start)
+        # The pipeline starts at `base` (batch `base_pos`): a DALI checkpoint of a resume, else the
+        # epoch's start, from where the batches before `start` are run and dropped (a state saved
+        # by another backend: same samples, DALI's own augmentation randomness). Every
+        # RECOVERY_EVERY batches `base` moves up; an undecodable file rebuilds from it.
+        base, base_pos = (self._checkpoint, start) if start > 0 and self._checkpoint else (None, 0)
         self._checkpoint = None
-        it = None
-        last_good = checkpoint
-        while self._consumed < len(self):
+        self._it = it = None
+        pos = base_pos
+        while pos < len(self):
             try:
-                if it is None:  # the iterator decodes its first batch when it is created
-                    it = self._iterator(last_good)
+                if it is None:  # the iterator decodes its first batches when it is created
+                    it, pos = self._iterator(base), base_pos
                 batch = next(it)[0]
             except StopIteration:
                 return
             except RuntimeError as e:
-                it = None
-                if not self._replace_bad_files(e):
-                    raise
+                self._it = it = None
+                self._replace_bad_files(e, pos)  # raises unless the error was a few undecodable files
                 continue
-            last_good = self._last_checkpoint = it.checkpoints()[0]
-            self._consumed += 1
-            yield self._to_torch(batch)
+            pos += 1
+            if pos % RECOVERY_EVERY == 0 and pos < len(self):
+                base, base_pos = it.checkpoints()[0], pos
+            if pos > self._consumed:  # not a batch skipped to reach `start` or decoded again
+                self._it = it
+                self._consumed = pos
+                yield self._to_torch(batch)
 
     def _to_torch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["images"].to(self.device, non_blocking=True)
@@ -232,27 +269,41 @@ class DaliLoader(LoaderBase):
         labels = batch["labels"].reshape(-1).to(device=self.device, dtype=torch.int64)
         return images, labels
 
-    def _replace_bad_files(self, error: RuntimeError) -> bool:
-        """Find the unreadable files among those the failing pipeline may have been reading,
-        swap them for the placeholder and return True; False when none is found."""
+    def _replace_bad_files(self, error: RuntimeError, pos: int) -> None:
+        """Find the undecodable files among those the pipeline failing at batch `pos` may have
+        been reading and swap them for the placeholder; re-raise `error` when it is not a
+        decoding error, when no such file is found or when one cannot even be read (a
+        file-system fault), and raise UnreadableImagesError when more than half a batch fails."""
+        if not is_decoder_error(error):
+            raise error
         files, _ = self._epoch_lists()
-        lo = self._shard_start() + self._consumed * self.batch_size
+        lo = self._shard_start() + pos * self.batch_size
         hi = lo + (PREFETCH + 2) * self.batch_size
         shard_end = self._shard_start() + self.num_samples
-        candidates = sorted(set(files[lo:min(hi, shard_end)]))
+        candidates = sorted(set(files[lo:min(hi, shard_end)]) - {self._placeholder})
         lines = [ln.strip() for ln in str(error).splitlines() if "failure" in ln or "Error in" in ln]
-        log.warning("DALI pipeline failed (%s); looking for unreadable files among %d candidates",
+        log.warning("DALI pipeline failed (%s); looking for undecodable files among %d candidates",
                     " ".join(lines)[:300] or type(error).__name__, len(candidates))
-        bad = find_undecodable(candidates, device_id=self.device_id, num_threads=self.num_threads)
+        bad = find_undecodable(candidates, train=self.train, augmentation=self.augmentation,
+                               num_threads=self.num_threads)
         if not bad:
-            return False
-        if self._placeholder is None:
-            self._placeholder = _placeholder_jpeg(self, self.size)
-        bad_set = set(bad)
-        self.files = [self._placeholder if f in bad_set else f for f in self.files]
+            raise error
+        for path in bad:
+            try:
+                with open(path, "rb") as f:
+                    f.read()
+            except OSError as read_error:
+                raise error from read_error
+        check_bad_share(bad, self.batch_size)
+        self._replace(bad)
         for path in bad:
             self._note_bad(path, "DALI could not decode it")
-        return True
+
+    def _replace(self, paths: list[str]) -> None:
+        if self._placeholder is None:
+            self._placeholder = _placeholder_jpeg(self, self.size)
+        replace = set(paths)
+        self.files = [self._placeholder if f in replace else f for f in self.files]
 
     def _shard_start(self) -> int:
         if self.train:
@@ -262,18 +313,18 @@ class DaliLoader(LoaderBase):
     # -- resumable state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        ckpt = self._last_checkpoint
-        state["dali_checkpoint"] = ckpt if self._consumed > 0 and ckpt is not None else ""
-        state["bad_files"] = list(self.bad_files)
+        if self._consumed > 0 and self._it is not None:
+            # the checkpoint of the last batch handed out (the iterator keeps one per output)
+            state["dali_checkpoint"] = self._it.checkpoints()[0]
+        else:
+            state["dali_checkpoint"] = self._checkpoint if self._consumed > 0 and self._checkpoint else ""
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        super().load_state_dict(state)  # also restores bad_files
         ckpt = state.get("dali_checkpoint") if state.get("backend") == self.backend else None
-        self._checkpoint = self._last_checkpoint = ckpt or None
-        for path in state.get("bad_files", []):
-            if path in self.files and path not in self.bad_files:
-                if self._placeholder is None:
-                    self._placeholder = _placeholder_jpeg(self, self.size)
-                self.files = [self._placeholder if f == path else f for f in self.files]
-                self.bad_files.append(path)
+        self._checkpoint = ckpt or None
+        self._it = None
+        known = [p for p in self.bad_files if p in self.files]
+        if known:
+            self._replace(known)

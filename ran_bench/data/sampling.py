@@ -16,7 +16,24 @@ from typing import Any
 
 import torch
 
+from ran_bench.errors import UserError
+
 log = logging.getLogger("ran_bench.data")
+
+
+class UnreadableImagesError(UserError, RuntimeError):
+    """Too many images of one batch failed to decode: a broken data set or a wrong root, not
+    the odd corrupt file that the loaders replace by a flat image."""
+
+
+def check_bad_share(bad: list[str], batch_size: int) -> None:
+    """Raise UnreadableImagesError when `bad` (undecodable files found together) is more than
+    half a batch: blanking them would train on flat images without anyone noticing."""
+    if len(bad) > 1 and 2 * len(bad) > batch_size:
+        raise UnreadableImagesError(
+            f"{len(bad)} images in one batch of {batch_size} could not be decoded (e.g. {bad[0]}); "
+            f"that is a broken data set or a wrong data root, not a few corrupt files. "
+            f"Check it with `ran-bench data verify ROOT`")
 
 
 def train_order(n: int, *, world_size: int, seed: int, epoch: int, batch_size: int) -> list[int]:
@@ -54,7 +71,8 @@ def check_shard_args(rank: int, world_size: int, batch_size: int) -> None:
 class LoaderBase:
     """The loader contract shared by the backends: epochs, batches per rank, resumable position.
 
-    `state_dict()` is the epoch and the number of batches handed out so far in it;
+    `state_dict()` is the epoch, the number of batches handed out so far in it and `bad_files`
+    (the undecodable files replaced by a flat image so far, cumulative across resumes);
     `load_state_dict(state)` makes the next `iter()` start at the following batch. A pending
     resume survives `set_epoch` with the same epoch and is dropped by a different one; a full
     pass always starts at batch 0, so a validation loader can be iterated again and again.
@@ -96,7 +114,7 @@ class LoaderBase:
         return {"backend": self.backend, "split": self.split, "epoch": self.epoch,
                 "batches": self._consumed, "batch_size": self.batch_size,
                 "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
-                "num_samples": self.num_samples}
+                "num_samples": self.num_samples, "bad_files": list(self.bad_files)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("split", "batch_size", "world_size", "seed", "num_samples"):
@@ -113,6 +131,9 @@ class LoaderBase:
         self.epoch = int(state["epoch"])
         self._start = int(state["batches"])
         self._consumed = self._start
+        for path in state.get("bad_files", []):
+            if path not in self.bad_files:
+                self.bad_files.append(path)
 
     def _note_bad(self, path: str, error: str) -> None:
         if path not in self.bad_files:

@@ -1,34 +1,44 @@
 """The torchvision backend: PIL decoding in DataLoader worker processes.
 
-Same semantics as the DALI pipeline (see `ran_bench.data.dali`): train = random-resized crop
-(area 0.08-1, aspect ratio 3/4-4/3) resized to `size` + random horizontal flip; val = resize
-the shorter side to `size / 0.875` + centre crop; ImageNet mean/std normalisation. Workers
+Same semantics as the DALI pipeline (see `ran_bench.data.dali`). augmentation "imagenet":
+train = random-resized crop (area 0.08-1, aspect ratio 3/4-4/3) resized to `size` + random
+horizontal flip; val = resize the shorter side to `size / 0.875` + centre crop. augmentation
+"cifar" (the paper's CIFAR recipe): resize the shorter side to `size` + centre crop (the
+identity for 32x32 images); train then pads 4 black pixels on every side, takes a random
+`size` x `size` crop and flips at random. Both normalise with the ImageNet mean/std. Workers
 return uint8 images; conversion, normalisation, dtype and memory format happen on `device`
 (4x less to copy and the GPU does the arithmetic).
 
 Augmentation randomness is a function of (seed, epoch, sample index), not of worker timing, so
 a resumed epoch sees the same crops as the uninterrupted one.
+
+Unreadable files: an image whose bytes cannot be decoded (truncated, corrupt, not an image)
+becomes a flat mean-colour image and is listed in `loader.bad_files`; a file that cannot be
+*read* (missing, no permission, I/O error) raises, since that is a file-system fault and not a
+bad image, and so does a batch in which most images fail to decode.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
 from ran_bench.data.folder import MEAN_255, STD_255
-from ran_bench.data.sampling import LoaderBase, train_indices, train_per_rank, val_range
+from ran_bench.data.sampling import LoaderBase, check_bad_share, train_indices, train_per_rank, val_range
 
 log = logging.getLogger("ran_bench.data")
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 CROP_FRACTION = 0.875
+CIFAR_PAD = 4  # pixels of black padding on every side before the CIFAR random crop
 
 
 def val_resize_size(size: int) -> int:
@@ -36,10 +46,11 @@ def val_resize_size(size: int) -> int:
     return int(size / CROP_FRACTION + 0.5)
 
 
-def val_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """(resized height, resized width, crop top, crop left) of the evaluation transform, with
-    DALI's rounding (`resize_shorter`, then a centred crop), so both backends crop the same pixels."""
-    short = val_resize_size(size)
+def val_geometry(height: int, width: int, size: int, short: int | None = None) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of resizing the shorter side to
+    `short` (default `val_resize_size(size)`) and centre-cropping `size` x `size`, with DALI's
+    rounding (`resize_shorter`, then a centred crop), so both backends crop the same pixels."""
+    short = val_resize_size(size) if short is None else short
     if height <= width:
         rh, rw = short, max(1, int(width * short / height + 0.5))
     else:
@@ -54,23 +65,39 @@ def _aug_seed(seed: int, epoch: int, index: int) -> int:
 class ImageFiles(Dataset):
     """Decodes `files[i]` to a 3-channel uint8 CHW tensor with the train or val transform.
 
-    Keys are `(index, aug_seed)`. Returns `(image, label, index, ok)`; an unreadable file gives a
-    flat mean-colour image (zero after normalisation) with its label and `ok=False`, so one bad
-    file costs one meaningless sample instead of the run.
+    Keys are `(index, aug_seed)`. Returns `(image, label, index, ok)`; a file whose bytes do not
+    decode gives a flat mean-colour image (zero after normalisation) with its label and
+    `ok=False`, so one bad file costs one meaningless sample instead of the run. Errors reading
+    the file propagate.
     """
 
-    def __init__(self, files: list[str], labels: list[int], size: int, train: bool):
+    def __init__(self, files: list[str], labels: list[int], size: int, train: bool,
+                 augmentation: str = "imagenet"):
         self.files = files
         self.labels = labels
         self.size = size
         self.train = train
+        self.cifar = augmentation == "cifar"
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _transform(self, img: Image.Image, aug_seed: int) -> torch.Tensor:
         size = self.size
-        if self.train:
+        if self.cifar:
+            rh, rw, top, left = val_geometry(img.height, img.width, size, short=size)
+            img = F.resize(img, [rh, rw], interpolation=F.InterpolationMode.BILINEAR)  # PIL: no-op at rh x rw
+            img = F.crop(img, top, left, size, size)
+            if self.train:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(aug_seed)
+                    dy, dx = torch.randint(0, 2 * CIFAR_PAD + 1, (2,)).tolist()
+                    flip = bool(torch.rand(1) < 0.5)
+                # = pad CIFAR_PAD zeros on every side, then crop at (dy, dx): F.crop pads with 0
+                img = F.crop(img, dy - CIFAR_PAD, dx - CIFAR_PAD, size, size)
+                if flip:
+                    img = F.hflip(img)
+        elif self.train:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(aug_seed)
                 top, left, h, w = RandomResizedCrop.get_params(img, SCALE, RATIO)
@@ -87,17 +114,17 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, aug_seed = key
+        with open(self.files[index], "rb") as f:  # a read error is the file system's: it propagates
+            data = f.read()
         try:
-            with Image.open(self.files[index]) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 img = im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
-            out = self._transform(img, aug_seed)
-            ok = True
-        except Exception as e:  # noqa: BLE001 - any undecodable file is replaced, never fatal
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            # the bytes are in memory, so these come from PIL's decoders: a truncated or corrupt image
             log.debug("cannot decode %s: %s", self.files[index], e)
             out = torch.tensor([round(m) for m in MEAN_255], dtype=torch.uint8).view(3, 1, 1)
-            out = out.expand(3, self.size, self.size).contiguous()
-            ok = False
-        return out, self.labels[index], index, ok
+            return out.expand(3, self.size, self.size).contiguous(), self.labels[index], index, False
+        return self._transform(img, aug_seed), self.labels[index], index, True
 
 
 class _KeySampler(Sampler):
@@ -122,7 +149,7 @@ class TorchvisionLoader(LoaderBase):
 
     def __init__(self, files: list[str], labels: list[int], *, split: str, size: int, batch_size: int,
                  rank: int, world_size: int, num_threads: int, seed: int, channels_last: bool,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, augmentation: str = "imagenet"):
         n = len(files)
         self._n = n
         if split == "train":
@@ -140,7 +167,7 @@ class TorchvisionLoader(LoaderBase):
         self._mean = torch.tensor(MEAN_255, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD_255, device=self.device).view(1, 3, 1, 1)
         self._loader = DataLoader(
-            ImageFiles(files, labels, size, self.train), batch_size=batch_size,
+            ImageFiles(files, labels, size, self.train, augmentation), batch_size=batch_size,
             sampler=_KeySampler(self), num_workers=num_threads, drop_last=self.train,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if num_threads > 0 else None)
@@ -156,8 +183,10 @@ class TorchvisionLoader(LoaderBase):
         self._start_sample = start * self.batch_size
         for images, labels, index, ok in self._loader:
             if not bool(ok.all()):
-                for i in index[~ok].tolist():
-                    self._note_bad(self.files[i], "PIL could not decode it")
+                bad = [self.files[i] for i in index[~ok].tolist()]
+                check_bad_share(bad, self.batch_size)
+                for path in bad:
+                    self._note_bad(path, "PIL could not decode it")
             images = images.to(self.device, non_blocking=True).float().sub_(self._mean).div_(self._std)
             images = images.to(self.dtype)
             if self.channels_last:
