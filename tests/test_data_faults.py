@@ -1,0 +1,194 @@
+"""Faults in the data: a file system that fails is an error; a corrupt image is replaced; many
+corrupt images are an error; DALI's recovery gives the batches of a run that knew the bad file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ran_bench import data
+from ran_bench.data import UnreadableImagesError, build_loader, list_samples
+from ran_bench.data.demo import make_demo
+from ran_bench.data.sampling import train_indices
+
+needs_dali = pytest.mark.skipif(not data.dali_available(), reason="NVIDIA DALI is not installed")
+ALL = [pytest.param("dali", marks=needs_dali), "torchvision"]
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    """2 classes x 8 train and x 2 val demo JPEGs (4 training batches of 4)."""
+    root = tmp_path_factory.mktemp("faults") / "d"
+    make_demo(root, seed=2, num_classes=2, train_per_class=8, val_per_class=2, min_side=24, max_side=40)
+    return root
+
+
+def _copy(clean: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "d"
+    shutil.copytree(clean, root)
+    return root
+
+
+def _truncate(path: str) -> None:
+    data_ = Path(path).read_bytes()
+    Path(path).write_bytes(data_[: len(data_) // 3])
+
+
+def _batches(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+# -- a file that cannot be read is not a corrupt image -------------------------------------------
+@pytest.mark.parametrize("backend", ALL)
+def test_a_file_removed_after_listing_raises(clean, tmp_path, backend):
+    root = _copy(clean, tmp_path)
+    ld = build_loader(root, "train", size=24, batch_size=BATCH, backend=backend, num_threads=1)
+    files, _, _ = list_samples(root, "train")
+    os.remove(files[5])  # e.g. a network file system that lost the folder mid-epoch
+    # torchvision: the FileNotFoundError itself; DALI: its reader's error naming the file
+    with pytest.raises((FileNotFoundError, RuntimeError), match=Path(files[5]).name):
+        _batches(ld)
+    assert ld.bad_files == []  # nothing was blanked
+
+
+def test_torchvision_read_errors_propagate_from_workers(clean, tmp_path, monkeypatch):
+    root = _copy(clean, tmp_path)
+    files, _, _ = list_samples(root, "train")
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path) == files[3]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    ld = build_loader(root, "train", size=24, batch_size=BATCH, backend="torchvision", num_threads=0)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        _batches(ld)
+    assert ld.bad_files == []
+
+
+@needs_dali
+def test_dali_reraises_when_a_suspect_file_cannot_be_read(clean, tmp_path, monkeypatch):
+    """A decoder failure whose file Python cannot read either is an I/O fault: the original
+    error is raised and the file is not recorded as a bad image."""
+    import ran_bench.data.dali as dali
+
+    root = _copy(clean, tmp_path)
+    files, _, _ = list_samples(root, "train")
+    _truncate(files[6])
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path) == files[6]:
+            raise OSError(5, "Input/output error", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dali, "open", failing_open, raising=False)
+    ld = build_loader(root, "train", size=24, batch_size=BATCH, backend="dali", num_threads=1)
+    with pytest.raises(RuntimeError, match=r"nvidia\.dali\.fn\.decoders") as info:
+        _batches(ld)
+    assert isinstance(info.value.__cause__, OSError)
+    assert ld.bad_files == []
+
+
+# -- many corrupt images are not "a few corrupt files" -------------------------------------------
+@pytest.mark.parametrize("backend", ALL)
+def test_most_of_a_batch_undecodable_raises(clean, tmp_path, backend):
+    root = _copy(clean, tmp_path)
+    files, _, _ = list_samples(root, "val")
+    for f in files[:3]:  # 3 of the 4 val images: one batch of 4
+        _truncate(f)
+    ld = build_loader(root, "val", size=24, batch_size=BATCH, backend=backend, num_threads=1)
+    with pytest.raises(UnreadableImagesError, match=r"3 images in one batch of 4 could not be decoded.*data verify"):
+        _batches(ld)
+    assert ld.bad_files == []
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_a_truncated_jpeg_becomes_a_flat_image(clean, tmp_path, backend):
+    root = _copy(clean, tmp_path)
+    files, labels, _ = list_samples(root, "val")
+    _truncate(files[1])
+    x, y = zip(*_batches(build_loader(root, "val", size=24, batch_size=BATCH, backend=backend, num_threads=1)))
+    x, y = torch.cat(x), torch.cat(y)
+    assert y.tolist() == labels
+    assert x[1].abs().max() < 0.05 and x[0].std() > 0.1
+
+
+# -- DALI recovery -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_bad(clean, tmp_path_factory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("one_bad") / "d"
+    shutil.copytree(clean, root)
+    files, _, _ = list_samples(root, "train")
+    _truncate(files[9])
+    return root, files[9]
+
+
+def _dali_train(root: Path, epoch: int, state: dict | None = None):
+    ld = build_loader(root, "train", size=24, batch_size=BATCH, backend="dali", num_threads=1, seed=4)
+    if state is not None:
+        ld.load_state_dict(state)
+    ld.set_epoch(epoch)
+    return ld
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for (x1, y1), (x2, y2) in zip(a, b):
+        assert torch.equal(y1, y2) and torch.equal(x1, x2)
+
+
+def _knew_it(bad: str, epoch: int) -> dict:
+    """A loader state at the start of `epoch` that already lists `bad`: the reference run."""
+    return {"backend": "dali", "epoch": epoch, "batches": 0, "bad_files": [bad]}
+
+
+@needs_dali
+@pytest.mark.parametrize("every", [1, 3, 32])
+def test_dali_recovery_gives_the_batches_of_a_run_that_knew_the_bad_file(one_bad, monkeypatch, every):
+    """The pipeline is rebuilt from the last recovery checkpoint (every `every` batches) and the
+    good batches since then are decoded again: same images, same random crops."""
+    import ran_bench.data.dali as dali
+
+    root, bad = one_bad
+    reference = _batches(_dali_train(root, 0, _knew_it(bad, 0)))
+    monkeypatch.setattr(dali, "RECOVERY_EVERY", every)
+    ld = _dali_train(root, 0)
+    _assert_same(_batches(ld), reference)
+    assert ld.bad_files == [bad]
+
+
+@needs_dali
+def test_dali_resume_from_a_torchvision_state_recovers_in_the_skipped_batches(clean, tmp_path):
+    """The batches before the resume position are decoded to reach it; a file DALI cannot decode
+    there (a GIF named .JPEG, which PIL reads, so the torchvision run did not list it) is replaced
+    like anywhere else instead of failing every requeue of the job."""
+    root = _copy(clean, tmp_path)
+    files, _, _ = list_samples(root, "train")
+    bad = files[9]
+    with Image.open(bad) as im:
+        im.convert("RGB").save(bad, "GIF")
+    for epoch in range(20):  # an epoch whose bad file is in the first two of the 4 batches
+        order = [files[i] for i in train_indices(16, rank=0, world_size=1, seed=4, epoch=epoch, batch_size=BATCH)]
+        if order.index(bad) < 2 * BATCH:
+            break
+    skip = 2
+    reference = _batches(_dali_train(root, epoch, _knew_it(bad, epoch)))[skip:]
+    tv = build_loader(root, "train", size=24, batch_size=BATCH, backend="torchvision", num_threads=0, seed=4)
+    tv.set_epoch(epoch)
+    it = iter(tv)
+    for _ in range(skip):
+        next(it)
+    state = tv.state_dict()
+    assert state["bad_files"] == []
+    ld = _dali_train(root, epoch, state)
+    _assert_same(_batches(ld), reference)
+    assert ld.bad_files == [bad]
