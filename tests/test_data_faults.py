@@ -192,3 +192,20 @@ def test_dali_resume_from_a_torchvision_state_recovers_in_the_skipped_batches(cl
     ld = _dali_train(root, epoch, state)
     _assert_same(_batches(ld), reference)
     assert ld.bad_files == [bad]
+
+
+@needs_dali
+@pytest.mark.parametrize("augmentation", ["imagenet", "cifar"])
+def test_find_undecodable_uses_the_pipeline_decoder_and_only_decoder_errors(clean, tmp_path, augmentation):
+    from ran_bench.data.dali import find_undecodable
+
+    root = _copy(clean, tmp_path)
+    files, _, _ = list_samples(root, "train")
+    _truncate(files[2])
+    with Image.open(files[7]) as im:
+        im.convert("RGB").save(files[7], "GIF")  # a format nvImageCodec does not read
+    for train in (True, False):
+        assert find_undecodable(files, train=train, augmentation=augmentation) == [files[2], files[7]]
+    os.remove(files[12])
+    with pytest.raises(RuntimeError, match=r"readers\.file"):  # an I/O fault is not a bad image
+        find_undecodable(files, train=True, augmentation=augmentation)

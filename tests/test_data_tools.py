@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
 from ran_bench.cli import main
 from ran_bench.data import list_samples
@@ -109,3 +110,43 @@ def test_prepare_val_rejects_a_sorted_synset_list(tmp_path, capsys):
     assert len(list(val.glob("*.JPEG"))) == 2  # nothing moved
 
 
+
+
+def test_verify_says_dali_blanks_a_gif_named_jpeg(tmp_path, capsys):
+    from PIL import Image
+
+    assert _demo(tmp_path / "d") == 0
+    gif = tmp_path / "d" / "train" / "circle" / "animated.JPEG"
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(gif, "GIF")
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 dali_unsupported: a format DALI's decoder cannot read" in out and str(gif) in out
+    assert "the DALI loader replaces it by a flat image" in out
+    assert "wrong_format" not in out
+
+
+def test_a_flat_val_folder_names_prepare_val(tmp_path, capsys):
+    assert _demo(tmp_path / "d") == 0
+    val = tmp_path / "d" / "val"
+    for i, f in enumerate(sorted(val.rglob("*.JPEG"))):
+        f.rename(val / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    for d in [d for d in val.iterdir() if d.is_dir()]:
+        d.rmdir()
+    capsys.readouterr()
+    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1"]) == 1
+    assert f"`ran-bench data prepare-val {val} --ground-truth LOC_val_solution.csv`" in capsys.readouterr().out
+    from ran_bench.data import DatasetLayoutError, build_loader
+
+    with pytest.raises(DatasetLayoutError, match="ran-bench data prepare-val"):
+        build_loader(tmp_path / "d", "val", size=24, batch_size=2, backend="torchvision", num_threads=0)
+
+
+def test_prepare_val_reads_a_csv_with_a_byte_order_mark(tmp_path, capsys):
+    val = _flat_val(tmp_path, 2)
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\n"
+                   "ILSVRC2012_val_00000002,n01443537 1 2 3 4\n", encoding="utf-8-sig")
+    assert csv.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert main(["data", "prepare-val", str(val), "--ground-truth", str(csv)]) == 0
+    assert (val / "n01443537" / "ILSVRC2012_val_00000002.JPEG").is_file()

@@ -70,5 +70,9 @@ def list_samples(root: str | os.PathLike, split: str) -> tuple[list[str], list[i
         files.extend(str(split_dir / c / n) for n in names)
         labels.extend([index[c]] * len(names))
     if not files:
-        raise DatasetLayoutError(f"{split_dir} has no images (expected {split_dir}/<wnid>/*.JPEG)")
+        flat = any(e.is_file() and is_image_name(e.name) for e in os.scandir(split_dir))
+        raise DatasetLayoutError(
+            f"{split_dir} has no images in class folders (expected {split_dir}/<wnid>/*.JPEG)" + (
+                f"; its images lie directly in it, as in the flat ILSVRC2012 validation folder: run "
+                f"`ran-bench data prepare-val {split_dir} --ground-truth LOC_val_solution.csv`" if flat else ""))
     return files, labels, classes

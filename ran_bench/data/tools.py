@@ -28,7 +28,7 @@ def read_ground_truth(ground_truth: str | os.PathLike, synsets: str | os.PathLik
     if not ground_truth.is_file():
         raise InputError(f"--ground-truth {ground_truth} does not exist (LOC_val_solution.csv, or the devkit's "
                          f"ILSVRC2012_validation_ground_truth.txt)")
-    text = ground_truth.read_text()
+    text = ground_truth.read_text(encoding="utf-8-sig")  # files saved by Excel start with a BOM
     if ground_truth.suffix.lower() == ".csv" or text.startswith("ImageId"):
         out = {}
         for row in csv.DictReader(text.splitlines()):
@@ -57,7 +57,7 @@ def _read_synsets(path: Path) -> dict[int, str]:
     if not path.is_file():
         raise InputError(f"--synsets {path} does not exist (the devkit's ILSVRC2012_ID -> wnid table)")
     table: dict[int, str] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         parts = line.replace(",", " ").split()
         if not parts:
             continue
@@ -125,10 +125,19 @@ ODD_KINDS = {
     "grayscale": "grayscale JPEG; decoded to 3-channel RGB by both loaders",
     "cmyk": "CMYK JPEG; decoded to RGB by both loaders",
     "other_mode": "unusual colour mode; converted to RGB",
-    "wrong_format": "not a JPEG although named so; both loaders sniff the format and decode it",
+    "wrong_format": "not a JPEG although named so (PNG, BMP, TIFF, WebP, PNM, JPEG 2000); both loaders "
+                    "sniff the format and decode it",
+    "dali_unsupported": "a format DALI's decoder cannot read (e.g. GIF) although named as an image; the "
+                        "torchvision loader decodes it, the DALI loader replaces it by a flat image. "
+                        "Convert it to JPEG to train on it with DALI",
     "non_image": "not an image file; ignored by the loaders",
     "stray": "file outside a class folder; ignored by the loaders",
 }
+
+
+# PIL's names of the formats DALI's decoders.image reads (checked with DALI 2.4 on the CPU: GIF,
+# ICO and TGA fail; "PPM" is PIL's name for every PNM file).
+DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 
 
 def inspect_image(path: str) -> tuple[str, list[str], str]:
@@ -140,7 +149,9 @@ def inspect_image(path: str) -> tuple[str, list[str], str]:
             im.load()
     except Exception as e:  # noqa: BLE001 - every failure is a finding, not a crash
         return path, ["undecodable"], f"{type(e).__name__}: {e}"
-    if path.lower().endswith((".jpg", ".jpeg")) and fmt != "JPEG":
+    if fmt not in DALI_FORMATS:
+        kinds.append("dali_unsupported")
+    elif path.lower().endswith((".jpg", ".jpeg")) and fmt != "JPEG":
         kinds.append("wrong_format")
     if mode == "L":
         kinds.append("grayscale")
@@ -204,7 +215,12 @@ def verify(root: str | os.PathLike, *, splits=("train", "val"), num_classes: int
     train = report.images.get("train", {})
     for split, counts in report.images.items():
         if not counts:
-            report.errors.append(f"{root / split} has no class folders")
+            flat = any(is_image_name(Path(p).name) and Path(p).parent == root / split for p, _ in odd["stray"])
+            report.errors.append(
+                f"{root / split} has no class folders" + (
+                    f"; its images lie directly in it (the flat ILSVRC2012 validation folder): sort them "
+                    f"into class folders with `ran-bench data prepare-val {root / split} --ground-truth "
+                    f"LOC_val_solution.csv`" if flat else ""))
             continue
         if sum(counts.values()) == 0:
             report.errors.append(f"{root / split} has no images")
