@@ -5,10 +5,12 @@ Modes:
   optimizer, with the trainer's loss and optimizer) on synthetic batches already on the device: the
   model-only rate. With `--data-root`, also the end-to-end rate with the real loader, and which of
   the two limits. With `--overhead`, also a bare PyTorch loop and timm's benchmark recipe on the
-  same pre-made batches, as ratios.
+  same pre-made batches, as step-time ratios. What is compared is `train_step` alone (autocast,
+  loss, backward, optimizer step, zero_grad through Accelerate), not the training loop around it
+  (gradient accumulation context, learning-rate scheduler, metrics, the stop vote).
 - `infer`: forward passes of the model in eval mode under `torch.inference_mode`.
-- `data`: the input pipeline alone (`ran_bench.data.bench`: timed epochs of the loader on
-  `--data-root`, or on generated ImageNet-sized JPEGs).
+- `data`: the input pipeline alone: `--repeats` timed regions of `--steps` batches of the loader
+  after `--warmup` batches, on `--data-root` or on generated ImageNet-sized JPEGs.
 - `scaling`: `train` under torchrun with 1, 2, ... processes: images/s per process and efficiency.
 - `readme`: regenerate `reports/bench/README.md` from `results.csv` (optionally adding the rows of
   other CSV files first, e.g. the ones `scripts/gpu_bench.sh` wrote on a GPU machine).
@@ -437,6 +439,35 @@ def _rate(row: dict[str, str]) -> str:
     return f"{_f(row['images_per_s'])} ({_f(row['images_per_s_min'])}–{_f(row['images_per_s_max'])})"
 
 
+def _commit(row: dict[str, str]) -> str:
+    """Short commit of the code that measured a row ("-dirty" kept); rows measured where the
+    commit was unknown (a copy without .git, before RAN_BENCH_GIT_COMMIT) say so."""
+    commit = row["git_commit"]
+    if commit in ("", "unknown"):
+        return "not recorded"
+    dirty = commit.endswith("-dirty")
+    return commit.removesuffix("-dirty")[:10] + ("-dirty" if dirty else "")
+
+
+def _images(root: str) -> str:
+    """The images a loader row read: `ROOT (N JPEGs, K kB mean)`; older rows recorded only a path."""
+    return root if " JPEGs, " in root else f"{root} (images not recorded)"
+
+
+def _timed(row: dict[str, str]) -> str:
+    """What a data row timed. Rows whose command has no --steps come from the earlier harness,
+    which timed whole epochs (steps = batches per epoch, after one untimed epoch)."""
+    if "--steps" not in row["command"]:
+        return f"{row['repeats']} epochs of {row['steps']} batches, after 1 epoch"
+    return f"{row['repeats']} x {row['steps']} batches, after {row['warmup']}"
+
+
+def _timm_cell(row: dict[str, str]) -> str:
+    if row["trainer_over_timm"]:
+        return f"{_f(row['trainer_over_timm'], '{:.3f}')} ({row['timm_model'].rsplit('.', 1)[-1]})"
+    return row["timm_model"] or "–"
+
+
 def _memory(row: dict[str, str]) -> str:
     kind = "GPU alloc" if row["peak_memory_kind"].startswith("cuda") else "RSS"
     return f"{_f(row['peak_memory_mib'], '{:.0f}')} MiB {kind}"
@@ -469,9 +500,10 @@ def render_readme(rows: list[dict[str, str]]) -> str:
         "timed regions are bracketed by device synchronisation.",
         "- Peak memory: `GPU alloc` = torch.cuda.max_memory_allocated; `RSS` = the process's peak "
         "resident set size on CPU (includes Python and libraries).",
-        "- CPU rows are from a shared 2-core development machine, with its 1-minute load average at the "
-        "end of the run (other work slowed them): read them as what the harness reports, not as "
-        "CPU performance.",
+        "- device: the GPU, or the CPU with its cores, torch threads per process and 1-minute load "
+        "average at the end of the run (other work on the machine slows a CPU row).",
+        "- commit: the ran-bench commit that measured the row (`-dirty`: with uncommitted changes); "
+        "\"not recorded\" where the code ran from a copy without git history.",
         "",
     ]
     sections = {
@@ -485,12 +517,12 @@ def render_readme(rows: list[dict[str, str]]) -> str:
         if not mode_rows:
             continue
         lines += [f"## {title}", ""]
-        env = lambda r: [_device(r), _versions(r), f"`{r['command']}`"]  # noqa: E731
+        env = lambda r: [_device(r), _versions(r), _commit(r), f"`{r['command']}`"]  # noqa: E731
         if mode in ("train", "infer"):
             header = ["model", "size", "batch", "precision", "layout/compile", "images/s", "step ms",
                       "peak memory", "GMACs/img", "TFLOP/s", "MFU"]
             if mode == "train":
-                header += ["end-to-end images/s (limiter)", "trainer/bare", "trainer/timm"]
+                header += ["end-to-end images/s (loader on images; limiter)", "train_step/bare", "train_step/timm"]
             table = []
             for r in mode_rows:
                 cells = _model_columns(r) + [
@@ -498,30 +530,45 @@ def render_readme(rows: list[dict[str, str]]) -> str:
                     _f(r["macs"], "{:.2f}", 1e-9), _f(r["tflops"], "{:.3g}"), _f(r["mfu"], "{:.1%}")]
                 if mode == "train":
                     e2e = "–" if not r["end_to_end_images_per_s"] else (
-                        f"{_f(r['end_to_end_images_per_s'])} ({r['end_to_end_backend']}; {r['limiter']})")
-                    cells += [e2e, _f(r["trainer_over_bare"], "{:.3f}"), _f(r["trainer_over_timm"], "{:.3f}")]
+                        f"{_f(r['end_to_end_images_per_s'])} ({r['end_to_end_backend']} on "
+                        f"{_images(r['data_root'])}; {r['limiter']})")
+                    overhead = [_f(r["trainer_over_bare"], "{:.3f}"), _timm_cell(r)] if r["trainer_over_bare"] else ["–", "–"]
+                    cells += [e2e, *overhead]
                 table.append(cells + env(r))
-            lines += _table(header + ["device", "versions", "command"], table)
+            lines += _table(header + ["device", "versions", "commit", "command"], table)
             if mode == "train":
-                lines += ["", "trainer/bare and trainer/timm: step-time ratios of the trainer's "
-                          "step over a bare PyTorch loop and over timm's benchmark recipe on the "
-                          "same model and pre-made batches (1.0 = no overhead)."]
+                lines += ["", "train_step/bare and train_step/timm (`--overhead`): step-time ratios of the "
+                          "trainer's `train_step` alone (autocast, loss, backward, optimizer step and "
+                          "zero_grad through Accelerate; not the training loop around it: gradient "
+                          "accumulation context, scheduler, metrics, stop vote) over a bare PyTorch "
+                          "forward/backward/step loop on a copy of the same initial model, and over timm's "
+                          "benchmark recipe on the model `timm.create_model` builds (its class in brackets; "
+                          "run only when that is the benchmarked model: same class and parameter count). "
+                          "All three cycle through the same pre-made batches; 1.0 = no overhead."]
         elif mode == "data":
-            header = ["backend", "images", "size", "batch", "threads", "images/s", "peak memory"]
-            table = [[r["backend"], r["data_root"], r["size"], r["batch_size"], r["num_threads"], _rate(r), _memory(r)]
-                     + env(r) for r in mode_rows]
-            lines += _table(header + ["device", "versions", "command"], table)
+            header = ["backend", "images", "size", "batch", "threads", "timed", "images/s", "peak memory"]
+            table = [[r["backend"], _images(r["data_root"]), r["size"], r["batch_size"], r["num_threads"], _timed(r),
+                      _rate(r), _memory(r)] + env(r) for r in mode_rows]
+            lines += _table(header + ["device", "versions", "commit", "command"], table)
+            lines += ["", "timed: the loader's batches in each timed repeat (images/s = images of those "
+                      "batches over their seconds, median over repeats), after untimed warm-up batches; "
+                      "a repeat that crosses the end of an epoch includes the next epoch's start-up."]
         else:
             header = ["model", "size", "batch/process", "precision", "processes", "images/s total",
                       "images/s per process", "efficiency"]
             table = [[r["model"], r["size"], r["batch_size"], r["precision"], r["world_size"],
                       _f(r["images_per_s_total"]), _rate(r), _f(r["scaling_efficiency"], "{:.0%}")]
                      + env(r) for r in mode_rows]
-            lines += _table(header + ["device", "versions", "command"], table)
+            lines += _table(header + ["device", "versions", "commit", "command"], table)
         lines.append("")
     if not rows:
         lines += ["No results recorded yet.", ""]
     return "\n".join(lines)
+
+
+def _row_key(row: dict[str, str]) -> tuple[str, str, str]:
+    """What identifies one measurement: adding the same CSV twice must not double its rows."""
+    return row["time_utc"], row["command"], row["device_name"]
 
 
 def write_readme(csv_path: Path, readme_path: Path) -> None:
@@ -574,14 +621,14 @@ def _cycle(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tup
         yield from batches
 
 
-def describe_images(root: str | os.PathLike) -> str:
-    """`ROOT (N JPEGs, K kB mean)` for the training images a row read: a path alone says nothing
-    once the machine that ran the benchmark is gone."""
+def describe_images(root: str | os.PathLike, name: str | None = None) -> str:
+    """`ROOT (N JPEGs, K kB mean)` for the training images a row read (`name` instead of a
+    temporary ROOT): a path alone says nothing once the machine that ran the benchmark is gone."""
     from ran_bench.data import list_samples
 
     files, _, _ = list_samples(str(root), "train")
     kb = statistics.mean(Path(f).stat().st_size for f in files) / 1024
-    return f"{root} ({len(files)} JPEGs, {kb:.0f} kB mean)"
+    return f"{name or root} ({len(files)} JPEGs, {kb:.0f} kB mean)"
 
 
 def _endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -642,21 +689,41 @@ def bare_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: 
     return step
 
 
-def timm_step_fn(name: str, batches: Iterator, *, num_classes: int, device: torch.device, precision: str,
-                 channels_last: bool, compile: bool) -> tuple[Callable[[], torch.Tensor], str]:
-    """The training step of timm's `benchmark.py` (TrainBenchmarkRunner), which ships in timm's
-    repository but not in its wheel: the model from `timm.create_model(name)` (ours, through the
-    registry mirror, unless timm has its own model of that name), `timm.optim.create_optimizer_v2`
-    with opt="sgd", lr=1e-4, cross-entropy, then zero_grad, forward and loss under autocast,
-    backward, optimizer step. Inputs are our pre-made batches instead of one `torch.randn` batch."""
+def _class_path(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__name__}"
+
+
+def timm_counterpart(name: str, ours: nn.Module, *, num_classes: int) -> tuple[nn.Module | None, str]:
+    """`timm.create_model(name)` when it is the benchmarked network (same class, same parameter
+    count), with its class path; otherwise None and why. Our models reach timm through the registry
+    mirror, but for names timm owns (resnet152, resnet200, ...) timm builds its own model, and a
+    step-time ratio between two different networks says nothing about the trainer's overhead."""
     import timm
+
+    from ran_bench.profile import count_params
+
+    if not timm.is_model(name):
+        return None, "not run: not in timm's registry"
+    model = timm.create_model(name, num_classes=num_classes)
+    if type(model) is not type(ours) or count_params(model) != count_params(ours):
+        return None, (f"not run: timm builds {_class_path(model)} ({count_params(model):,} parameters) "
+                      f"for {name!r}, not the benchmarked {_class_path(ours)} ({count_params(ours):,} parameters)")
+    return model, _class_path(model)
+
+
+def timm_step_fn(model: nn.Module, batches: Iterator, *, device: torch.device, precision: str,
+                 channels_last: bool, compile: bool) -> Callable[[], torch.Tensor]:
+    """The training step of timm's `benchmark.py` (TrainBenchmarkRunner), which ships in timm's
+    repository but not in its wheel, on `model` (from `timm_counterpart`):
+    `timm.optim.create_optimizer_v2` with opt="sgd", lr=1e-4, cross-entropy, then zero_grad,
+    forward and loss under autocast, backward, optimizer step. Inputs are our pre-made batches
+    instead of one `torch.randn` batch."""
     import timm.optim
 
-    model = timm.create_model(name, num_classes=num_classes).to(device)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    built = f"{type(model).__module__}.{type(model).__name__}"
     optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -677,7 +744,7 @@ def timm_step_fn(name: str, batches: Iterator, *, num_classes: int, device: torc
             scaler.update()
         return loss.detach()
 
-    return step, built
+    return step
 
 
 @dataclass
@@ -826,17 +893,13 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
         record.overhead_trainer_images_per_s = trainer.images_per_s
         record.bare_images_per_s = bare.images_per_s
         record.trainer_over_bare = trainer.median_s / bare.median_s
-        import timm
-
-        if timm.is_model(args.model):
-            timm_step, record.timm_model = timm_step_fn(args.model, _cycle(batches), num_classes=num_classes,
-                                                        device=device, precision=precision,
-                                                        channels_last=args.channels_last, compile=args.compile)
+        timm_model, record.timm_model = timm_counterpart(args.model, initial, num_classes=num_classes)
+        if timm_model is not None:
+            timm_step = timm_step_fn(timm_model, _cycle(batches), device=device, precision=precision,
+                                     channels_last=args.channels_last, compile=args.compile)
             timm_timing = Timing(time_steps(timm_step, **timed), args.batch_size)
             record.timm_images_per_s = timm_timing.images_per_s
             record.trainer_over_timm = trainer.median_s / timm_timing.median_s
-        else:
-            record.timm_model = "not in timm's registry"
     return _fill_environment(record, device, command_line(args, world))
 
 
@@ -875,34 +938,34 @@ def run_infer(args: argparse.Namespace) -> BenchRecord:
 
 
 def run_data(args: argparse.Namespace) -> BenchRecord:
-    """The input pipeline alone, measured by `ran_bench.data.bench`: one untimed epoch, then
-    --repeats timed epochs (each epoch's start-up included, as in training), on --data-root or on
-    generated ImageNet-sized JPEGs."""
-    from ran_bench.data import default_num_threads
-    from ran_bench.data.bench import run_bench
+    """The input pipeline alone: the training loader of --backend (DALI falls back to torchvision
+    when it is not installed, as in training) on --data-root, or on generated ImageNet-sized JPEGs
+    (400 images, 333-500 px sides); --warmup untimed batches, then --repeats timed regions of
+    --steps batches. A fixed number of batches, not whole epochs: on ImageNet an epoch is hours."""
+    from ran_bench.data import build_loader, default_num_threads
 
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
               else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     threads = default_num_threads() if args.num_threads is None else args.num_threads
-    reset_peak_memory(device)
-    report = run_bench(str(args.data_root) if args.data_root else None, backends=(args.backend,), split="train",
-                       size=args.size, batch_size=args.batch_size, num_threads=threads, epochs=args.repeats,
-                       device=device.type, out_dir=None)
-    if not report["results"]:
-        raise BenchError("--backend dali: NVIDIA DALI is not installed (pip install ran-bench[dali]); "
-                         "or measure --backend torchvision")
-    result = report["results"][0]
-    # Seconds per batch of each timed epoch, so the record reads like the other modes'.
-    timing = Timing([args.batch_size / rate for rate in result["images_per_s_epochs"]], args.batch_size)
-    batches = result["images_per_epoch"] // args.batch_size
-    args.steps, args.warmup = batches, batches  # one epoch per repeat, one epoch of warm-up
+    with tempfile.TemporaryDirectory(prefix="ran_bench_data_") as tmp:
+        root, name = args.data_root, None
+        if root is None:
+            from ran_bench.data.demo import make_demo
+
+            root, name = Path(tmp) / "data", "generated"
+            make_demo(root, seed=0, train_per_class=40, val_per_class=20, min_side=333, max_side=500, quality=90)
+        loader = build_loader(str(root), "train", size=args.size, batch_size=args.batch_size, backend=args.backend,
+                              num_threads=threads, device=device)
+        batches = _endless(loader)
+        reset_peak_memory(device)
+        timing = Timing(time_steps(lambda: next(batches), device=device, steps=args.steps, warmup=args.warmup,
+                                   repeats=args.repeats), args.batch_size)
+        images = describe_images(root, name=name)
     record = _base_record(args, mode="data", size=args.size, precision="fp32", world_size=1, timing=timing,
-                          backend=result["backend"], device=device)
-    record.data_root = (f"{args.data_root} ({report['images']} JPEGs, {report['mean_file_kb']:.0f} kB mean)"
-                        if args.data_root else
-                        f"generated ({report['images']} JPEGs, {report['mean_file_kb']:.0f} kB mean)")
+                          backend=loader.backend, device=device)
+    record.data_root = images
     record.num_threads = threads
     record.channels_last = False  # the loaders' NCHW output is what was measured
     record.peak_source = "no FLOPs: input pipeline only"
@@ -977,7 +1040,7 @@ def _figure_args(args: argparse.Namespace) -> list[str]:
             out += ["--data-root", str(args.data_root)]
         if args.num_threads is not None:
             out += ["--num-threads", str(args.num_threads)]
-        return out + ["--repeats", str(args.repeats)]
+        return out + ["--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     out = []
     if args.model:
         out += ["--model", args.model]
@@ -1025,21 +1088,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (timing after warm-up)")
     parser.add_argument("--backend", choices=("dali", "torchvision", "synthetic"), default="dali",
                         help="loader of --data-root for the end-to-end rate (train) or the data mode; "
-                             "dali falls back to torchvision when DALI is not installed")
+                             "dali falls back to torchvision when DALI is not installed (the row records "
+                             "the loader that ran)")
     parser.add_argument("--data-root", type=Path,
                         help="ImageNet-layout folder (ROOT/train/<wnid>/*.JPEG): train also measures the "
-                             "end-to-end rate with the real loader and says which one limits; data reads "
-                             "it (default for data: generated ImageNet-sized JPEGs)")
+                             "end-to-end rate with the real loader and says which one limits; data times "
+                             "--steps batches of it per repeat (default for data: 400 generated "
+                             "ImageNet-sized JPEGs)")
     parser.add_argument("--num-threads", type=int, help="decoding threads (DALI) or workers (torchvision)")
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed repeats (data: timed epochs); median and min-max (default 3)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="steps (data: loader batches) per timed repeat (default 20)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps (data: batches, covering pipeline build and worker start) first (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; median and min-max (default 3)")
     parser.add_argument("--peak-tflops", type=float,
                         help="peak TFLOP/s of one device for MFU (default: bf16/fp16 data-sheet peak by GPU name)")
     parser.add_argument("--overhead", action="store_true",
                         help="train: also time a bare PyTorch loop and timm's benchmark recipe on the same "
-                             "model and pre-made batches, and print the trainer's step-time ratios")
+                             "pre-made batches and print step-time ratios of the trainer's train_step (not the "
+                             "loop around it) over them; timm's only when timm builds the same model")
     parser.add_argument("--procs", help="scaling: comma-separated process counts (default 1,2 on CPU; "
                                         "1,2,4,8 up to the GPU count on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
@@ -1083,14 +1150,15 @@ def summary(record: BenchRecord) -> str:
                      f"{r.end_to_end_images_per_s:.1f} images/s = {r.end_to_end_fraction:.0%} of model-only "
                      f"-> {verdict}")
     if r.trainer_over_bare is not None:
-        lines.append(f"  overhead on the same pre-made batches: trainer step {r.overhead_trainer_images_per_s:.1f} "
-                     f"images/s, bare PyTorch loop {r.bare_images_per_s:.1f} images/s (same model init, "
-                     f"optimizer settings, batches and steps): trainer/bare step time = {r.trainer_over_bare:.3f}")
+        lines.append(f"  overhead of train_step alone (not the training loop around it) on the same pre-made "
+                     f"batches: train_step {r.overhead_trainer_images_per_s:.1f} images/s, bare PyTorch "
+                     f"forward/backward/step {r.bare_images_per_s:.1f} images/s (same initial weights, optimizer "
+                     f"settings, batches and steps): train_step/bare step time = {r.trainer_over_bare:.3f}")
         if r.trainer_over_timm is not None:
-            lines.append(f"  timm's benchmark recipe ({r.timm_model}): {r.timm_images_per_s:.1f} images/s: "
-                         f"trainer/timm step time = {r.trainer_over_timm:.3f}")
+            lines.append(f"  timm's benchmark recipe on the same model ({r.timm_model}): {r.timm_images_per_s:.1f} "
+                         f"images/s: train_step/timm step time = {r.trainer_over_timm:.3f}")
         else:
-            lines.append(f"  timm's benchmark recipe: not run ({r.timm_model})")
+            lines.append(f"  timm's benchmark recipe: {r.timm_model}")
     if r.scaling_efficiency is not None:
         lines.append(f"  scaling efficiency vs the smallest process count: {r.scaling_efficiency:.0%}")
     return "\n".join(lines)
@@ -1137,9 +1205,16 @@ def _readme(args: argparse.Namespace) -> int:
         if not Path(extra).is_file():
             raise BenchError(f"--add {extra}: no such file (give the results.csv a benchmark run wrote)")
         rows = read_csv(csv_path) if csv_path.exists() else []
-        added = read_csv(extra)
+        seen = {_row_key(r) for r in rows}
+        offered, added = read_csv(extra), []
+        for row in offered:
+            if _row_key(row) not in seen:
+                seen.add(_row_key(row))
+                added.append(row)
         write_csv(rows + added, csv_path)
-        print(f"added {len(added)} row(s) of {extra} to {csv_path}")
+        skipped = len(offered) - len(added)
+        print(f"added {len(added)} row(s) of {extra} to {csv_path}"
+              + (f"; {skipped} already there (same time, command and device)" if skipped else ""))
     write_readme(csv_path, args.out_dir / "README.md")
     print(f"regenerated {args.out_dir / 'README.md'} from {csv_path}")
     return 0

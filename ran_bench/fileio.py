@@ -51,16 +51,19 @@ def _fsync_dir(path: Path) -> None:
 
 def git_commit() -> str:
     """The commit of the ran-bench checkout running this code, with "-dirty" when tracked files
-    differ from it; "unknown" outside a git checkout."""
+    differ from it. Where git cannot tell (a copy of the checkout without .git, as on a machine
+    the code was copied to), the RAN_BENCH_GIT_COMMIT environment variable, set by whoever copied
+    it; "unknown" without either."""
+    fallback = os.environ.get("RAN_BENCH_GIT_COMMIT", "").strip() or "unknown"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     commit = head.stdout.strip()
     if head.returncode != 0 or not commit:
-        return "unknown"
+        return fallback
     return commit + ("-dirty" if status.stdout.strip() else "")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -231,22 +232,62 @@ def test_end_to_end_rate_with_a_real_loader_names_the_limit(tiny_model, tmp_path
     assert f"--backend torchvision --data-root {tmp_path / 'data'} --num-threads 0" in r["command"]
 
 
-def test_data_mode_times_whole_epochs_of_the_loader(tmp_path):
+class CountingLoader:
+    """A loader that counts the batches taken from it."""
+
+    def __init__(self, loader):
+        self.loader, self.taken = loader, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.taken += 1
+            yield batch
+
+
+def test_data_mode_times_steps_batches_not_whole_epochs(tmp_path, monkeypatch):
+    """`bench data --data-root` on ImageNet must not read the data set (repeats + 1) times: it takes
+    --warmup batches, then --repeats x --steps timed batches, and keeps the --steps given."""
+    import ran_bench.data
     from ran_bench.data.demo import make_demo
 
+    loaders = []
+    build = ran_bench.data.build_loader
+    monkeypatch.setattr(ran_bench.data, "build_loader", lambda *a, **k: loaders.append(CountingLoader(build(*a, **k)))
+                        or loaders[-1])
     make_demo(tmp_path / "data", train_per_class=3, val_per_class=1, num_classes=4, min_side=16, max_side=24)
     out = tmp_path / "out"
     assert cli_main(["bench", "data", "--backend", "torchvision", "--data-root", str(tmp_path / "data"),
-                     "--batch-size", "4", "--size", "8", "--num-threads", "0", "--repeats", "2",
-                     "--out-dir", str(out)]) == 0
+                     "--batch-size", "4", "--size", "8", "--num-threads", "0", "--steps", "2", "--warmup", "1",
+                     "--repeats", "2", "--out-dir", str(out)]) == 0
     (path,) = out.glob("data_*.json")
     r = json.loads(path.read_text())
     assert (r["mode"], r["backend"], r["num_threads"], r["macs"]) == ("data", "torchvision", 0, None)
-    assert r["steps"] == 3 and len(r["step_time_s"]) == 2  # 12 images = 3 batches per timed epoch, 2 epochs
+    assert (r["steps"], r["warmup"], r["repeats"], len(r["step_time_s"])) == (2, 1, 2, 2)
+    assert [loader.taken for loader in loaders] == [1 + 2 * 2]  # 3 batches per epoch: not whole epochs
     assert r["data_root"].startswith(f"{tmp_path / 'data'} (12 JPEGs, ")
     assert r["command"].endswith(f"ran-bench bench data --backend torchvision --batch-size 4 --size 8 "
-                                 f"--data-root {tmp_path / 'data'} --num-threads 0 --repeats 2")
-    assert "## Input pipeline alone" in (out / "README.md").read_text()
+                                 f"--data-root {tmp_path / 'data'} --num-threads 0 --steps 2 --warmup 1 --repeats 2")
+    readme = (out / "README.md").read_text()
+    assert "## Input pipeline alone" in readme and "| 2 x 2 batches, after 1 |" in readme
+
+
+def test_data_mode_dali_falls_back_to_torchvision_as_its_help_says(tmp_path, monkeypatch):
+    import ran_bench.data
+    from ran_bench.data.demo import make_demo
+
+    monkeypatch.setattr(ran_bench.data, "dali_available", lambda: False)
+    make_demo(tmp_path / "data", train_per_class=2, val_per_class=1, num_classes=2, min_side=16, max_side=20)
+    assert cli_main(["bench", "data", "--backend", "dali", "--data-root", str(tmp_path / "data"), "--batch-size", "2",
+                     "--size", "8", "--num-threads", "0", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                     "--out-dir", str(tmp_path / "out"), "--no-record"]) == 0
+    (path,) = (tmp_path / "out").glob("data_*.json")
+    assert json.loads(path.read_text())["backend"] == "torchvision"  # the loader that ran
 
 
 def test_loader_verdict():
@@ -355,3 +396,73 @@ def test_rows_of_an_older_csv_are_kept_when_columns_are_added(tmp_path):
     rows = bench.read_csv(path)
     assert [(r["model"], r["load_average_1min"]) for r in rows] == [("old_row", ""), ("attention56", "1.5")]
     assert path.read_text().splitlines()[0] == ",".join(bench.CSV_FIELDS)
+
+
+def test_adding_the_same_csv_twice_keeps_one_copy_of_its_rows(tmp_path):
+    gpu = tmp_path / "gpu"
+    bench.save([_record(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", time_utc="2026-11-25T16:31:49Z")], gpu)
+    bench.save([_record(time_utc="2026-11-25T17:00:00Z")], tmp_path)
+    for _ in range(2):
+        assert cli_main(["bench", "readme", "--out-dir", str(tmp_path), "--add", str(gpu / "results.csv")]) == 0
+    rows = bench.read_csv(tmp_path / "results.csv")
+    assert [(r["device_name"], r["time_utc"]) for r in rows] == [
+        ("Test CPU (2 cores)", "2026-11-25T17:00:00Z"), ("NVIDIA H100 80GB HBM3", "2026-11-25T16:31:49Z")]
+
+
+def test_readme_states_provenance_from_the_rows_only(tmp_path):
+    """Commit per row (short, "-dirty" kept, "not recorded" where the copy had no git), the images a
+    loader row read or that they were not recorded, and no claim about the machine beyond the row."""
+    rows = [_record(git_commit="0123456789abcdef0123-dirty"),
+            _record(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", git_commit=""),
+            _record(mode="data", model="", backend="torchvision", data_root="/tmp/j", num_threads=8, steps=5, warmup=5,
+                    repeats=3, command="ran-bench bench data --backend torchvision --data-root /tmp/j --repeats 3"),
+            _record(mode="data", model="", backend="dali", data_root="generated (400 JPEGs, 56 kB mean)",
+                    num_threads=2, steps=20, warmup=5, repeats=3,
+                    command="ran-bench bench data --backend dali --steps 20 --warmup 5 --repeats 3")]
+    readme = bench.render_readme([{k: bench._csv_value(v) for k, v in vars(r).items()} for r in rows])
+    train = {row["device"]: row for row in _markdown_rows(readme, "## Training step")}
+    assert train["Test CPU (2 cores)"]["commit"] == "0123456789-dirty"
+    assert train["NVIDIA H100 80GB HBM3"]["commit"] == "not recorded"
+    data = _markdown_rows(readme, "## Input pipeline alone")
+    assert [(r["images"], r["timed"]) for r in data] == [
+        ("/tmp/j (images not recorded)", "3 epochs of 5 batches, after 1 epoch"),  # the earlier whole-epoch harness
+        ("generated (400 JPEGs, 56 kB mean)", "3 x 20 batches, after 5")]
+    assert "shared 2-core" not in readme and "other work slowed them" not in readme
+
+
+def _markdown_rows(markdown: str, section: str) -> list[dict[str, str]]:
+    """The rows of the first table after `section`, as {header: cell}."""
+    lines = markdown[markdown.index(section):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines[start:end]]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def test_git_commit_falls_back_to_the_environment_without_git(tmp_path, monkeypatch):
+    from ran_bench import fileio
+
+    monkeypatch.setattr(fileio, "REPO", tmp_path)  # a copy of the checkout without .git
+    monkeypatch.delenv("RAN_BENCH_GIT_COMMIT", raising=False)
+    assert fileio.git_commit() == "unknown"
+    monkeypatch.setenv("RAN_BENCH_GIT_COMMIT", "17df357aa-dirty")
+    assert fileio.git_commit() == "17df357aa-dirty"
+
+
+def test_overhead_skips_timm_when_timm_builds_another_model(tmp_path, monkeypatch):
+    """For names timm owns (resnet200: timm's is post-activation, ours pre-activation) the ratio
+    would compare two networks: it is not run, and the record says which model timm builds."""
+    from timm.models import _registry as timm_registry
+
+    name = "bench_tiny_owned_by_timm"
+    monkeypatch.setitem(_registry._MODELS, name, _registry.ModelInfo(name, _tiny_conv, TINY_SIZE, "cifar", 10))
+    monkeypatch.setitem(timm_registry._model_entrypoints, name, lambda pretrained=False, **kw: _tiny_linear(
+        num_classes=kw.get("num_classes", 10)))
+    assert cli_main(["bench", "train", "--model", name, "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                     "--repeats", "1", "--overhead", "--out-dir", str(tmp_path), "--no-record"]) == 0
+    (path,) = tmp_path.glob("*.json")
+    r = json.loads(path.read_text())
+    assert r["trainer_over_bare"] > 0
+    assert r["trainer_over_timm"] is None and r["timm_images_per_s"] is None
+    assert r["timm_model"] == ("not run: timm builds torch.nn.modules.container.Sequential (490 parameters) "
+                               f"for '{name}', not the benchmarked torch.nn.modules.container.Sequential (330 parameters)")
