@@ -209,3 +209,14 @@ def test_find_undecodable_uses_the_pipeline_decoder_and_only_decoder_errors(clea
     os.remove(files[12])
     with pytest.raises(RuntimeError, match=r"readers\.file"):  # an I/O fault is not a bad image
         find_undecodable(files, train=True, augmentation=augmentation)
+
+
+@needs_dali
+def test_dali_resumed_at_the_end_of_an_epoch_builds_no_pipeline(clean, monkeypatch):
+    """A state saved after the epoch's last batch (e.g. by the torchvision backend) must not
+    decode the whole epoch again just to skip it."""
+    ld = build_loader(clean, "train", size=24, batch_size=BATCH, backend="dali", num_threads=1)
+    ld.load_state_dict({"backend": "torchvision", "epoch": 0, "batches": len(ld)})
+    monkeypatch.setattr(ld, "_iterator", lambda checkpoint: pytest.fail("built a pipeline"))
+    assert list(ld) == []
+    assert ld.state_dict()["batches"] == len(ld)

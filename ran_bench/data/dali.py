@@ -234,6 +234,8 @@ class DaliLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._begin()
+        if start >= len(self):  # resumed at the end of the epoch: nothing left to decode
+            return
         # The pipeline starts at `base` (batch `base_pos`): a DALI checkpoint of a resume, else the
         # epoch's start, from where the batches before `start` are run and dropped (a state saved
         # by another backend: same samples, DALI's own augmentation randomness). Every
@@ -248,7 +250,7 @@ class DaliLoader(LoaderBase):
                     it, pos = self._iterator(base), base_pos
                 batch = next(it)[0]
             except StopIteration:
-                return
+                break
             except RuntimeError as e:
                 self._it = it = None
                 self._replace_bad_files(e, pos)  # raises unless the error was a few undecodable files
@@ -260,6 +262,7 @@ class DaliLoader(LoaderBase):
                 self._it = it
                 self._consumed = pos
                 yield self._to_torch(batch)
+        self._it = None  # the pass is complete: free the pipeline (its position is the epoch's end)
 
     def _to_torch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["images"].to(self.device, non_blocking=True)
