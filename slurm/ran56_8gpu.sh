@@ -21,4 +21,15 @@
 CONFIG=${CONFIG:-configs/attention56.yaml}
 LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/1node_8gpu.yaml}
 SMOKE_PROCS_PER_NODE=${SMOKE_PROCS_PER_NODE:-2}
-source "${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+# The repository: RAN_BENCH_REPO, else the submission folder, else the folder of the script that
+# was submitted (sbatch runs a copy of it from its spool folder, so $0 does not say).
+REPO=${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ ! -f "$REPO/slurm/common.sh" ] && [ -z "${RAN_BENCH_REPO:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  REPO=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/]*$|\1|p')
+fi
+if [ ! -f "$REPO/slurm/common.sh" ]; then
+  echo "error: cannot find the ran-bench repository (no slurm/common.sh in '${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}'):" \
+    "submit from the repository root (cd /path/to/ran-bench; sbatch slurm/<script>.sh) or set RAN_BENCH_REPO=/path/to/ran-bench" >&2
+  exit 2
+fi
+source "$REPO/slurm/common.sh"

@@ -27,4 +27,15 @@ LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/multinode.yaml}
 # linear-scaling rule (configs/attention92.yaml is the paper's 256 on 8 GPUs).
 SCRIPT_OVERRIDES=${SCRIPT_OVERRIDES:-optim.global_batch_size=1024}
 SMOKE_PROCS_PER_NODE=${SMOKE_PROCS_PER_NODE:-1}
-source "${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+# The repository: RAN_BENCH_REPO, else the submission folder, else the folder of the script that
+# was submitted (sbatch runs a copy of it from its spool folder, so $0 does not say).
+REPO=${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [ ! -f "$REPO/slurm/common.sh" ] && [ -z "${RAN_BENCH_REPO:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  REPO=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/]*$|\1|p')
+fi
+if [ ! -f "$REPO/slurm/common.sh" ]; then
+  echo "error: cannot find the ran-bench repository (no slurm/common.sh in '${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}'):" \
+    "submit from the repository root (cd /path/to/ran-bench; sbatch slurm/<script>.sh) or set RAN_BENCH_REPO=/path/to/ran-bench" >&2
+  exit 2
+fi
+source "$REPO/slurm/common.sh"

@@ -1,4 +1,5 @@
-"""Rank, node and address logic of `ran_bench.slurm_env` as a function of SLURM's variables (no cluster)."""
+"""Rank, node and address logic of `ran_bench.slurm_env` as a function of SLURM's variables, and the
+sbatch scripts' overrides, requeue decision and repository lookup with stand-ins for srun (no cluster)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 
 import pytest
 
+from conftest import REPO
 from ran_bench.slurm_env import main as slurm_env_main
 from ran_bench.slurm_env import (PORT_BASE, PORT_SPAN, SlurmEnvError, expand_nodelist, launcher_env, main_port,
                                  node_address, placement, tasks_on_node, torch_env)
@@ -120,3 +122,117 @@ def test_cli_outside_slurm_fails_with_a_clear_message(monkeypatch, capsys):
     assert slurm_env_main([]) == 1
     err = capsys.readouterr().err
     assert "SLURM_JOB_ID" in err and "inside a SLURM job" in err
+
+
+# The sbatch scripts themselves (slurm/common.sh, slurm/launch_node.sh) with stand-ins for srun,
+# scontrol and the Python that runs accelerate: how they pass the overrides and how they decide
+# between success, requeue and failure from what each node's launcher did. The real thing, on a
+# real cluster, is in test_slurm.py.
+FAKE_SRUN = """#!/bin/bash
+# Like srun: one task per node with its SLURM_NODEID; exits with the highest status of the tasks.
+echo "$@" > "$FAKE/srun_args"
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((k = 0; k < SLURM_JOB_NUM_NODES; k++)); do SLURM_NODEID=$k SLURMD_NODENAME=n$((k + 1)) "$@" & pids+=($!); done
+rc=0; for p in "${pids[@]}"; do wait "$p"; r=$?; (( r > rc )) && rc=$r; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$FAKE/scontrol_calls"
+[ "$1 $2" = "show job" ] && [ -n "${FAKE_COMMAND:-}" ] && echo "   Command=$FAKE_COMMAND"
+exit 0
+"""
+FAKE_PYTHON = """#!/bin/bash
+# `python -m ran_bench.slurm_env` and `python -m accelerate.commands.launch ...` of one node.
+if [ "$2" = ran_bench.slurm_env ]; then
+  printf 'NODE_RANK=%s\\nNUM_NODES=%s\\nMAIN_ADDR=127.0.0.1\\nMAIN_PORT=20077\\n' "$SLURM_NODEID" "$SLURM_JOB_NUM_NODES"
+  exit 0
+fi
+printf '%s\\n' "$@" > "$FAKE/launch_args_$SLURM_NODEID"
+outcome=FAKE_RC_$SLURM_NODEID
+[ "${!outcome:-0}" = kill ] && kill -KILL $PPID  # the node's launch_node.sh dies with it
+exit "${!outcome:-0}"
+"""
+
+
+@pytest.fixture
+def fake_job(tmp_path):
+    """Run slurm/ran92_8gpu.sh as a 2-node SLURM job would, with stand-ins; returns run(**env)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("slurm", "ran_bench", "configs", "launch"):
+        (repo / name).symlink_to(REPO / name)
+    # A file that `data.test_sizes=[224,320]` matches as a glob pattern, in the jobs' working folder.
+    (repo / "data.test_sizes=2").touch()
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+
+    def run(cwd=tmp_path, **env):
+        base = {"PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE": str(fake),
+                "PYTHON": str(fake / "python"), "SLURM_JOB_ID": "77", "SLURM_JOB_NAME": "ran92",
+                "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": str(repo),
+                "GPUS_PER_NODE": "1", "DATA_ROOT": "/data/image net", "RUN_DIR": str(tmp_path / "run"),
+                "OVERRIDES": " data.test_sizes=[224,320]\n  optim.lr=0.1 "}
+        proc = subprocess.run(["bash", str(REPO / "slurm" / "ran92_8gpu.sh")], env={**base, **env}, cwd=cwd,
+                              capture_output=True, text=True, timeout=60)
+        calls = (fake / "scontrol_calls").read_text() if (fake / "scontrol_calls").exists() else ""
+        return proc.returncode, proc.stdout + proc.stderr, calls
+
+    run.fake, run.repo = fake, repo
+    return run
+
+
+def test_script_passes_overrides_as_words_and_one_launcher_per_node(fake_job):
+    rc, log, calls = fake_job()
+    assert rc == 0, log
+    assert "finished" in log and "requeue" not in calls
+    for node in (0, 1):
+        args = (fake_job.fake / f"launch_args_{node}").read_text().splitlines()
+        assert args[args.index("--machine_rank") + 1] == str(node)
+        # A space in the data root and brackets that match a file: passed as written.
+        assert args[args.index("--run-dir") + 2:] == [
+            "data.root=/data/image net", "data.test_sizes=[224,320]", "optim.lr=0.1"]
+    # srun must not inherit the job's task count (sbatch --ntasks-per-node=8 would start 8 per node).
+    assert "--nodes=2 --ntasks=2 --ntasks-per-node=1" in (fake_job.fake / "srun_args").read_text()
+
+
+@pytest.mark.parametrize("node_outcomes, expected_rc, message", [
+    # Time limit: every node's trainers checkpointed and exited 75.
+    (("75", "75"), 0, "exit 75 on every node): requeueing job 77"),
+    # Node 0 failed (a bad data.root); srun stopped node 1, whose trainers checkpointed: srun's own
+    # status is the 75 of node 1, and this must not requeue.
+    (("2", "75"), 2, "failed: node 0 (n1) exited with 2"),
+    # Node 1's launcher was killed before it could record its status.
+    (("75", "kill"), 137, "failed: node 1 (?) recorded no exit status"),
+])
+def test_script_requeues_only_when_every_node_stopped_at_a_checkpoint(fake_job, node_outcomes, expected_rc,
+                                                                        message):
+    rc, log, calls = fake_job(FAKE_RC_0=node_outcomes[0], FAKE_RC_1=node_outcomes[1])
+    assert rc == expected_rc, log
+    assert message in log, log
+    assert ("requeue 77" in calls) == (expected_rc == 0), calls
+
+
+def test_script_stops_requeueing_after_max_requeues(fake_job):
+    rc, log, calls = fake_job(FAKE_RC_0="75", FAKE_RC_1="75", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert rc == 75, log
+    assert "requeued 3 times (MAX_REQUEUES=3): not requeueing again" in log
+    assert "requeue" not in calls
+
+
+def test_script_finds_the_repository_when_submitted_from_elsewhere(fake_job, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # sbatch /path/to/ran-bench/slurm/ran92_8gpu.sh from another folder: SLURM's record of the job
+    # names the submitted script.
+    rc, log, _ = fake_job(cwd=elsewhere, SLURM_SUBMIT_DIR=str(elsewhere),
+                          FAKE_COMMAND=str(fake_job.repo / "slurm" / "ran92_8gpu.sh"))
+    assert rc == 0 and "finished" in log, log
+    # Neither the submission folder nor SLURM's record lead to it: say what to do.
+    rc, log, _ = fake_job(cwd=elsewhere, SLURM_SUBMIT_DIR=str(elsewhere))
+    assert rc == 2, log
+    assert "submit from the repository root" in log and "RAN_BENCH_REPO" in log
+    assert "No such file" not in log
