@@ -50,13 +50,15 @@ MODEL_OPTION_CHOICES = {
 
 # What the recorded speed and cost figures measure (the trainer's definitions in results.json).
 THROUGHPUT_DEFINITIONS = {
-    "train": "train images/s: training images of all processes together divided by the seconds "
-             "spent training, summed over every segment of the run (a resumed run adds its segments).",
-    "per_device": "train images/s per device: the same divided by the world size.",
-    "infer": "inference images/s: images of the evaluation pass alone (forward passes on the "
-             "validation set, no training) per second, all processes together.",
-    "gpu_hours": "GPU-hours: device-seconds (devices x seconds) summed over the run's segments on "
-                 "CUDA; 0 on CPU.",
+    "train": "train images/s: training images of all processes together divided by the seconds spent in "
+             "training steps, summed over all segments of the run (one per launch or requeue); "
+             "evaluations, checkpoints, start-up and steps redone after a kill are not counted.",
+    "per_device": "train images/s per device: the same divided by the world size (of the last segment).",
+    "infer": "inference images/s: validation images per second of the trainer's final evaluation at the "
+             "run's first test size, the evaluation pass only, all training processes together; "
+             "a dash when `ran-bench eval` wrote the record.",
+    "gpu_hours": "Wall time: launch to last checkpoint, summed over segments. GPU-hours: on CUDA, each "
+                 "segment's processes (one GPU each) x its wall time, summed over segments; 0 on CPU.",
 }
 
 NOT_RUN = "not run"

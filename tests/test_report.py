@@ -182,6 +182,11 @@ def test_provenance_and_throughput(imagenet_report):
     assert [r["run"] for r in speed] == ["ran56"]  # only the run that recorded throughput
     assert (speed[0]["train images/s"], speed[0]["train images/s per device"], speed[0]["inference images/s"]) == \
         ("2,400.0", "300.0", "7,300.0")
+    # Each figure column is defined where it is shown (what the trainer's field measures).
+    section = text[text.index("## Throughput"):text.index("## Training curves")]
+    for column in ("train images/s", "train images/s per device", "inference images/s"):
+        assert f"\n- {column}: " in section, f"no definition of {column!r}"
+    assert "the evaluation pass only" in section and "summed over all segments" in section
 
 
 def test_plots_are_linked_and_exist(imagenet_report):
