@@ -20,10 +20,12 @@ directory, and the trainer resumes from its newest checkpoint. The trainer proce
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from ran_bench.errors import InputError
 
@@ -182,6 +185,46 @@ def _ignore_submitit_signal() -> None:
     signal.signal(_submitit_signal(), signal.SIG_IGN)
 
 
+def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--slurm KEY=VALUE` items -> (submitit's slurm_* parameters, other sbatch options).
+
+    Values get the type submitit's parameter has: true/false for flags (`exclusive=true` is
+    `#SBATCH --exclusive`, false leaves it out), whole numbers for counts, and a list for the
+    list parameters, one item per repetition (`--slurm setup="module load cuda"`; srun_args is
+    split like a shell line). A key submitit does not know is written as `#SBATCH --KEY=VALUE`,
+    next to the job's own --requeue."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    signature = inspect.signature(_make_sbatch_string).parameters
+    known = submitit.SlurmExecutor._valid_parameters() - {"additional_parameters"}
+    params: dict[str, Any] = {}
+    sbatch_options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--slurm {item!r} is not KEY=VALUE (e.g. --slurm account=myproject)")
+        if key == "additional_parameters":
+            raise InputError(f"--slurm {item!r}: give each sbatch option as its own --slurm KEY=VALUE (e.g. "
+                             "--slurm reservation=mine); options submitit does not know become #SBATCH lines")
+        annotation = str(signature[key].annotation) if key in known else "bool | int | str"
+        if "List" in annotation or "Iterable" in annotation:
+            params.setdefault(f"slurm_{key}", []).extend(shlex.split(text) if key == "srun_args" else [text])
+            continue
+        value: Any = text
+        if "bool" in annotation and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        elif "int" in annotation and re.fullmatch(r"-?\d+", text):
+            value = int(text)
+        if key not in known:
+            sbatch_options[key] = value  # False (e.g. requeue=false) is dropped by plan()
+        elif value is False:  # a flag turned off: no #SBATCH line at all
+            params.pop(f"slurm_{key}", None)
+        else:
+            params[f"slurm_{key}"] = value
+    return params, sbatch_options
+
+
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
     """Executor parameters, the command every task runs and the run directory, after checking the
     config and overrides (so a typo fails here, not in the queue)."""
@@ -196,12 +239,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
         raise InputError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the trainer runs one "
                          "process per GPU, so leave --tasks-per-node out when using GPUs")
     timeout_min = parse_time(args.time)
-    extra: dict[str, Any] = {}
-    for item in args.slurm:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--slurm {item!r} is not KEY=VALUE (e.g. --slurm account=myproject)")
-        extra[f"slurm_{key}"] = value
+    extra, sbatch_options = slurm_parameters(args.slurm)
     config = Path(args.config)
     cfg = load_config(config, args.overrides)
     validate(cfg, str(config), world_size=args.nodes * tasks)
@@ -215,7 +253,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
         "cpus_per_task": args.cpus_per_task or (8 if args.gpus_per_node else 1),
         "timeout_min": timeout_min,
         "slurm_signal_delay_s": SIGNAL_DELAY_S,
-        "slurm_additional_parameters": {"requeue": True},
+        "slurm_additional_parameters": {k: v for k, v in {"requeue": True, **sbatch_options}.items() if v is not False},
     }
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
@@ -234,8 +272,24 @@ def submit(args: argparse.Namespace):
     except RuntimeError as e:  # submitit: 'Could not detect "srun"'
         raise InputError(f"no SLURM here ({e}); run on a login node of the cluster, or use --dry-run") from None
     executor.update_parameters(**params)
+    folder = run_dir / "submitit"
+    created = [p for p in (run_dir, folder) if not p.exists()]  # outermost first
+    before = set(folder.iterdir()) if folder.exists() else set()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return executor.submit(TrainingJob(command, str(run_dir), cpu=args.gpus_per_node == 0))
+    try:
+        return executor.submit(TrainingJob(command, str(run_dir), cpu=args.gpus_per_node == 0))
+    except FailedJobError as e:
+        # Leave nothing behind for a job that does not exist: a new run directory would look
+        # like a run to resume, and its submission files would be mistaken for a job's.
+        if created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        else:
+            for path in set(folder.iterdir()) - before:
+                path.unlink(missing_ok=True)
+        reason = str(e).strip() or "no message"
+        raise InputError(f"sbatch refused the job: {reason}. Check --partition, --time, --gpus-per-node and the "
+                         "--slurm options against the cluster (sinfo, sacctmgr show assoc user=$USER), that this "
+                         "is a login node of the cluster (SLURM_CONF), and compare with --dry-run") from None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -65,11 +65,74 @@ def test_dry_run_cpu_smoke_layout(no_sbatch, tmp_path, capsys):
     (["--config", "configs/demo.yaml", "--tasks-per-node", "4"], "leave --tasks-per-node out"),
     (["--config", "configs/demo.yaml", "--slurm", "account"], "--slurm 'account' is not KEY=VALUE"),
     (["--config", "configs/demo.yaml", "--time", "soon"], "--time 'soon'"),
+    (["--config", "configs/demo.yaml", "--slurm", "additional_parameters={'mail_type': 'END'}"],
+     "give each sbatch option as its own --slurm KEY=VALUE"),
 ])
 def test_bad_arguments_fail_before_submitting(no_sbatch, capsys, args, message):
     assert cli(["submit", *args, "--dry-run"]) == 2
     assert message in capsys.readouterr().err
     assert not no_sbatch.exists()
+
+
+def test_slurm_options_get_submitits_types_in_the_sbatch_file(no_sbatch, tmp_path, capsys):
+    """`--slurm KEY=VALUE` is text on the command line; submitit needs a flag for exclusive, lists for
+    setup and srun_args, and unknown options next to the job's own --requeue."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+              "--run-dir", str(tmp_path / "run"), "--dry-run", "--slurm", "exclusive=true",
+              "--slurm", "setup=module load cuda", "--slurm", "setup=export NCCL_DEBUG=WARN",
+              "--slurm", "srun_args=--cpu-bind=none --mpi=pmix", "--slurm", "reservation=mine",
+              "--slurm", "signal_delay_s=240"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for line in ["slurm_exclusive = True", "slurm_setup = ['module load cuda', 'export NCCL_DEBUG=WARN']",
+                 "slurm_srun_args = ['--cpu-bind=none', '--mpi=pmix']", "slurm_signal_delay_s = 240",
+                 "slurm_additional_parameters = {'requeue': True, 'reservation': 'mine'}"]:
+        assert line in out, f"{line!r} not in:\n{out}"
+    # The same parameters through submitit's own sbatch writer.
+    from ran_bench.submit import slurm_parameters
+
+    params, options = slurm_parameters(["exclusive=true", "setup=module load cuda", "srun_args=--cpu-bind=none",
+                                        "reservation=mine"])
+    text = _make_sbatch_string(command="true", folder=tmp_path, additional_parameters={"requeue": True, **options},
+                               **{k.removeprefix("slurm_"): v for k, v in params.items()})
+    lines = text.splitlines()
+    assert "#SBATCH --exclusive" in lines and "#SBATCH --requeue" in lines and "#SBATCH --reservation=mine" in lines
+    assert "module load cuda" in lines
+    assert any(x.startswith("srun ") and " --cpu-bind=none " in x for x in lines), text
+
+
+def test_slurm_flag_set_to_false_writes_no_line(no_sbatch, tmp_path, capsys):
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+              "--run-dir", str(tmp_path / "run"), "--dry-run", "--slurm", "exclusive=false", "--slurm", "requeue=false"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "slurm_exclusive" not in out and "slurm_additional_parameters = {}" in out
+
+
+def test_refused_submission_is_an_error_and_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    """sbatch refusing the job (a bad partition, no cluster configuration) is bad input, not a crash."""
+    for name, text in (("sbatch", "#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n"),
+                       ("srun", "#!/bin/sh\nexit 0\n")):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "run"
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+              "--partition", "nope", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "sbatch refused the job: sbatch: error: invalid partition specified: nope" in err
+    assert "--partition" in err and "Traceback" not in err
+    assert not run_dir.exists()
+    # An existing run directory (a resume) keeps what it had, and gets nothing new.
+    (run_dir / "submitit").mkdir(parents=True)
+    (run_dir / "submitit" / "12_0_log.out").write_text("an earlier job's log")
+    assert cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+                "--partition", "nope", "--run-dir", str(run_dir)]) == 2
+    assert [p.name for p in (run_dir / "submitit").iterdir()] == ["12_0_log.out"]
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("30:00", 30), ("30:01", 31), ("1:30:00", 90),
