@@ -13,7 +13,12 @@
 # is used from this checkout (PYTHONPATH), so no install is needed. No network is used.
 # Environment: PYTHON (default python3); JPEG_DIR (where the JPEGs are generated, default
 # /tmp/ran_bench_gpu_jpegs); BUDGET_S (default 500: the optional rows of step 4 are skipped when
-# they would end after that many seconds); BATCH (images per step, default 128).
+# they would end after that many seconds); BATCH (images per step, default 128);
+# RAN_BENCH_GIT_COMMIT: the commit every row records when this checkout is a copy without .git.
+# Copying the checkout without its .git? Compute the commit on the development machine first and
+# pass it, or the rows say "not recorded":
+#   RAN_BENCH_GIT_COMMIT=$(python -c 'from ran_bench.fileio import git_commit; print(git_commit())')
+#   ... then on the GPU machine: RAN_BENCH_GIT_COMMIT=<that> bash scripts/gpu_bench.sh OUT_DIR
 # Afterwards, on the development machine:
 #   ran-bench bench readme --add OUT_DIR/results.csv    # adds the rows to reports/bench/ and its README
 set -uo pipefail
@@ -48,6 +53,14 @@ run() {
 # time_left SECONDS: true while an optional step of about SECONDS still fits the budget.
 time_left() { [ $((SECONDS + $1)) -le "$BUDGET_S" ]; }
 
+COMMIT=$("$PY" -c 'from ran_bench.fileio import git_commit; print(git_commit())' 2>/dev/null || echo unknown)
+if [ "$COMMIT" = unknown ]; then
+  say "WARNING: no git history here and RAN_BENCH_GIT_COMMIT is not set: the rows will not record the commit."
+  say "  On the development machine: python -c 'from ran_bench.fileio import git_commit; print(git_commit())'"
+  say "  then rerun with RAN_BENCH_GIT_COMMIT=<that> bash scripts/gpu_bench.sh $OUT"
+else
+  say "ran-bench commit: $COMMIT"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
 if ! "$PY" -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, 'CUDA', \
 torch.version.cuda, 'GPU', torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"; then
@@ -80,7 +93,7 @@ run 240 train --model attention56 "${GPU_OPTS[@]}" --compile
 if [ -n "${JPEGS_PID:-}" ]; then wait "$JPEGS_PID" || say "FAILED: generating JPEGs in $DATA"; fi
 if "$PY" -c "import nvidia.dali" 2>/dev/null; then
   LOADER=dali
-  run 120 data --backend dali --data-root "$DATA" --size 224 --batch-size "$BATCH" --repeats 3
+  run 120 data --backend dali --data-root "$DATA" --size 224 --batch-size "$BATCH" --steps 20 --warmup 10 --repeats 3
 else
   LOADER=torchvision
   say "NVIDIA DALI is not installed in $PY: no DALI rows (pip install nvidia-dali-cuda120 or -cuda130)"
@@ -94,7 +107,8 @@ optional() {  # optional SECONDS ARGS...: `run` when about SECONDS still fit in 
 }
 INFER_OPTS=(--precision bf16 --channels-last --batch-size 256 --steps 20 --warmup 10 --repeats 3)
 optional 60 infer --model attention56 "${INFER_OPTS[@]}"
-[ "$LOADER" = dali ] && optional 60 data --backend torchvision --data-root "$DATA" --size 224 --batch-size "$BATCH" --repeats 3
+[ "$LOADER" = dali ] && optional 60 data --backend torchvision --data-root "$DATA" --size 224 --batch-size "$BATCH" \
+  --steps 20 --warmup 10 --repeats 3
 optional 60 infer --model attention92 "${INFER_OPTS[@]}"
 optional 240 train --model attention92 "${GPU_OPTS[@]}" --compile
 
