@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,8 +30,6 @@ ALL = [_backend_param(b) for b in BACKENDS]
 def demo(tmp_path_factory) -> Path:
     """10 classes x 3 train images; 10 x 2 + 1 = 21 val images (not a multiple of any batch
     size used here); sides of 40-72 px, so the val resize to 37 px downscales like ImageNet's."""
-    import numpy as np
-
     root = tmp_path_factory.mktemp("demo") / "d"
     make_demo(root, seed=1, train_per_class=3, val_per_class=2, min_side=40, max_side=72)
     demo_image(0, np.random.default_rng(99), 40, 72).save(root / "val" / CLASSES[0] / "val_extra.JPEG")
@@ -302,10 +301,9 @@ def test_odd_files_agree_between_backends(odd):
 
 # -- the CIFAR recipe ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory) -> tuple[Path, dict[str, "np.ndarray"]]:
+def cifar(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     """CIFAR-like PNGs (lossless, so both decoders give the exact pixels): 2 classes x 4 train
     and x 2 val noise images of 32x32; returns the root and path -> uint8 HWC array."""
-    import numpy as np
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cifar") / "c"
@@ -339,13 +337,19 @@ def test_cifar_val_is_the_native_image(cifar, backend):
         torch.testing.assert_close(x[i], _normalised(arrays[f]), atol=1e-5, rtol=0)
 
 
+def _window(padded: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:
+    """The 32x32 window of a 40x40 padded image shifted by (dy, dx) from the centre, mirrored or not."""
+    w = padded[:, 4 + dy:36 + dy, 4 + dx:36 + dx]
+    return w.flip(-1) if flip else w
+
+
 @pytest.mark.parametrize("backend", ALL)
 def test_cifar_train_is_a_4px_zero_padded_random_crop_and_flip(cifar, backend):
     """Every training image is the 32x32 image shifted by -4..4 pixels in each direction with
     black (pixel value 0) filling the uncovered band, then possibly mirrored."""
     root, arrays = cifar
     files, labels, _ = list_samples(root, "train")
-    black = _normalised(torch.zeros(1, 1, 3, dtype=torch.uint8).numpy())
+    black = _normalised(np.zeros((1, 1, 3), dtype=np.uint8))
     seen = set()
     for epoch in range(4):
         ld = build_loader(root, "train", size=32, batch_size=4, backend=backend, num_threads=1, seed=2,
@@ -358,8 +362,7 @@ def test_cifar_train_is_a_4px_zero_padded_random_crop_and_flip(cifar, backend):
             padded = black.expand(3, 40, 40).clone()
             padded[:, 4:36, 4:36] = _normalised(arrays[files[i]])
             matches = [(dy, dx, flip) for dy in range(-4, 5) for dx in range(-4, 5) for flip in (False, True)
-                       if torch.allclose(img, (lambda w: w.flip(-1) if flip else w)(
-                           padded[:, 4 + dy:36 + dy, 4 + dx:36 + dx]), atol=1e-5, rtol=0)]
+                       if torch.allclose(img, _window(padded, dy, dx, flip), atol=1e-5, rtol=0)]
             assert len(matches) == 1, (epoch, files[i], matches)
             seen.add(matches[0])
     assert {flip for _, _, flip in seen} == {False, True}
