@@ -573,7 +573,8 @@ def plot_training(runs: list[Run], path: Path) -> bool:
 
 def plot_table7(matched: list[tuple[dict, Run]], path: Path) -> None:
     """Top-1 error against parameters and against multiply-adds: the paper's Table 7 points, and
-    the measured points of the runs reproducing a row (joined to their paper point)."""
+    the measured points of the runs compared with a row (joined to their paper point, labelled
+    like their table cell: partial, share of the paper's schedule)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     rows = [r for r in load_table("table7_imagenet") if r["params_m"] is not None]
@@ -639,8 +640,8 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
     sections = [(section, *_section_table(section, runs)) for section in cifar_sections()] if cifar else []
     in_tables = {id(run) for _, run in matched7} | {id(r) for _, _, matched in sections for r in matched}
     others = [r for r in runs if id(r) not in in_tables]
-    lines += [f"Runs: {len(matched7)} reproduce a Table 7 row, "
-              f"{len({id(r) for _, _, matched in sections for r in matched})} a CIFAR table row, "
+    lines += [f"Runs: {len(matched7)} compared with a Table 7 row, "
+              f"{len({id(r) for _, _, matched in sections for r in matched})} with a CIFAR table row, "
               f"{len(others)} match no paper row (listed under other runs, not compared with the paper).", ""]
     lines += ["## Table 7: ImageNet-1K, single-crop validation error", "",
               "Measured params and multiply-adds (MACs) are counted from the model by the run; the paper "
@@ -651,7 +652,8 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
     plot_table7(matched7, plot7)
     lines += [f"![Top-1 error against parameters and multiply-adds]({plot7.name})", "",
               "Blue: the paper's Table 7 (rows with published params and FLOPs); orange crosses: "
-              "measured runs, joined to their paper point by a dashed line.", ""]
+              "measured runs, joined to their paper point by a dashed line and labelled like their "
+              "table cell (partial, share of the paper's schedule).", ""]
 
     if sections:
         for section, table, _ in sections:

@@ -207,7 +207,7 @@ def test_demo_run_goes_to_other_runs(tmp_path):
                    evaluations=[(64, 31.25, 3.5)], metrics=training_log(300, 64))
     out = report.write_report([run], tmp_path / "reports" / "demo.md")
     text = out.read_text()
-    assert "Runs: 0 reproduce a Table 7 row, 0 a CIFAR table row, 1 match no paper row" in text
+    assert "Runs: 0 compared with a Table 7 row, 0 with a CIFAR table row, 1 match no paper row" in text
     tables = parse_tables(text)
     other = table_with(tables, "why not in a paper table")["rows"]
     assert len(other) == 1
