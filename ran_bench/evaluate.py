@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @torch.no_grad()
 def evaluate(accelerator, model: nn.Module, loader, num_classes: int) -> dict:
-    """Top-1/top-5 error (percent) and the number of images over all ranks' shards of `loader`.
+    """Top-1/top-5 error (percent), the number of images and the number of unreadable images
+    replaced by a flat one (`skipped_images`) over all ranks' shards of `loader`.
 
     `model` is the plain module (not DDP-wrapped): ranks run different numbers of batches, and
     DDP's forward may start collectives. Every rank must call this (compute() synchronises)."""
@@ -48,9 +50,13 @@ def evaluate(accelerator, model: nn.Module, loader, num_classes: int) -> dict:
         top5.update(logits, labels)
         count += labels.numel()
     model.train(was_training)
-    num_samples = int(accelerator.reduce(count, "sum").item()) if accelerator.num_processes > 1 else int(count)
+    # Ranks read disjoint shards, so their counts of unreadable files add up.
+    counts = torch.stack([count, torch.tensor(len(loader.bad_files), device=device)])
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, "sum")
+    num_samples, skipped = (int(x) for x in counts.tolist())
     return {"top1_err": 100.0 * (1.0 - float(top1.compute())), "top5_err": 100.0 * (1.0 - float(top5.compute())),
-            "num_samples": num_samples}
+            "num_samples": num_samples, "skipped_images": skipped}
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -65,16 +71,21 @@ def sync_buffers(model: nn.Module) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Evaluate and record in results.json. A bad path, checkpoint, config or data root raises a
-    UserError, which the command line prints as one line with exit status 2."""
+    """Evaluate a checkpoint and record the result in its run directory. A bad path, checkpoint,
+    config or data root raises a UserError, which the command line prints as one line with exit
+    status 2.
+
+    Where the result goes (see `_record`): into results.json when the checkpoint is the one the
+    record describes (evaluations of the same size are replaced) or when there is no record yet
+    (then built from the checkpoint); the evaluation of an older checkpoint goes to
+    RUN_DIR/evals/step_XXXXXXXX.json and never replaces the record of the run's later steps."""
     from accelerate import Accelerator, PartialState
 
     from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
-    from ran_bench.config import config_from_yaml
+    from ran_bench.config import config_from_yaml, mixed_precision
     from ran_bench.data import build_loader
     from ran_bench.models import create_model
-    from ran_bench.results import Evaluation, ResultsError, load_results
-    from ran_bench.train import _backend, _mixed_precision, _precision_name, build_results
+    from ran_bench.train import _backend, _evaluation, _precision_name
 
     path = Path(args.path)
     if path.is_dir():
@@ -89,7 +100,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)", args.overrides)
 
     cpu = not torch.cuda.is_available()  # see ran_bench.train: CPU processes as MULTI_CPU (gloo)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(cfg, PartialState(cpu=cpu).device))
+    precision = mixed_precision(cfg, PartialState(cpu=cpu).device.type)
+    if not cpu:
+        torch.backends.cudnn.benchmark = True  # fixed input size per test size, as in training and the benchmarks
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     num_classes = int(ckpt["num_classes"])
     model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
@@ -104,39 +118,65 @@ def main(args: argparse.Namespace) -> int:
         loader = build_loader(cfg.data.root, "val", size=size, batch_size=cfg.eval.batch_size,
                               backend=_backend(cfg, device), rank=rank, world_size=world_size,
                               num_threads=cfg.data.num_threads, seed=cfg.seed, channels_last=cfg.model.channels_last,
-                              device=device, num_classes=num_classes)
-        t0 = time.perf_counter()
+                              device=device, num_classes=num_classes, augmentation=cfg.data.augmentation)
         result = evaluate(accelerator, model, loader, num_classes)
-        result.update(size=size, step=step, seconds=time.perf_counter() - t0)
-        evaluations.append(result)
+        result.update(size=size, step=step)
+        evaluations.append(_evaluation(result, device, _precision_name(precision)))
         if accelerator.is_main_process:
+            skipped = f", {result['skipped_images']} unreadable" if result["skipped_images"] else ""
             print(f"{cfg.model.name} step {step} at {size} px: top-1 err {result['top1_err']:.2f}%, "
-                  f"top-5 err {result['top5_err']:.2f}% over {result['num_samples']} images ({ckpt_path})")
+                  f"top-5 err {result['top5_err']:.2f}% over {result['num_samples']} images{skipped} ({ckpt_path})")
 
     if accelerator.is_main_process and run_dir is not None and (run_dir / "config.yaml").is_file():
         with open(run_dir / "metrics.jsonl", "a") as f:
             for e in evaluations:
-                f.write(json.dumps({"kind": "eval", "step": step, "size": e["size"], "top1_err": e["top1_err"],
-                                    "top5_err": e["top5_err"], "num_samples": e["num_samples"]}) + "\n")
-        try:
-            results = load_results(run_dir)
-        except ResultsError:
-            results = None  # an interrupted run: build the record from the checkpoint
-        if results is None or results.steps != step:
-            results = build_results(
-                cfg, num_classes=num_classes, params=ckpt["params"], macs=ckpt["macs"],
-                macs_input_size=ckpt["macs_input_size"], step=step, images_seen=ckpt["images_seen"],
-                epochs=ckpt["epochs"], world_size=ckpt["world_size"], device=device,
-                precision=_precision_name(_mixed_precision(cfg, device)), wall_time_s=ckpt["elapsed_s"],
-                evaluations=[])
-        for e in evaluations:
-            results.evaluations = [x for x in results.evaluations if x.size != e["size"]]
-            results.evaluations.append(Evaluation(size=e["size"], top1_err=e["top1_err"], top5_err=e["top5_err"],
-                                                  num_samples=e["num_samples"], step=step))
-        results.evaluations.sort(key=lambda x: x.size)
-        results.save(run_dir / "results.json")
-        print(f"updated {run_dir / 'results.json'}")
+                f.write(json.dumps({"kind": "eval", "step": step, "size": e.size, "top1_err": e.top1_err,
+                                    "top5_err": e.top5_err, "num_samples": e.num_samples}) + "\n")
+        print(f"updated {_record(run_dir, ckpt_path, ckpt, cfg, evaluations)}")
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) -> Path:
+    """Store `evaluations` of checkpoint `ckpt` in the run directory; returns the file written.
+
+    results.json is the record of the run's newest weights: the checkpoint's evaluations replace
+    those of the same size when the record is of the checkpoint's step, and a record is built from
+    the checkpoint (its training fields from what the checkpoint saved of the training run) when
+    there is none, or when the run has trained past the record since. Older checkpoints get
+    RUN_DIR/evals/step_XXXXXXXX.json, the same Evaluation objects."""
+    from ran_bench.results import ResultsError, load_results, write_json_atomic
+    from ran_bench.train import build_results
+
+    step = int(ckpt["step"])
+    try:
+        results = load_results(run_dir)
+    except ResultsError:
+        results = None  # none yet (an interrupted run), or unreadable: rebuilt from the checkpoint
+    if results is not None and step < results.steps:
+        path = run_dir / "evals" / f"step_{step:08d}.json"
+        kept = []
+        if path.is_file():
+            kept = [e for e in json.loads(path.read_text())["evaluations"]
+                    if e["size"] not in {x.size for x in evaluations}]
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step,
+                                 "evaluations": sorted(kept + [asdict(e) for e in evaluations],
+                                                       key=lambda e: e["size"])})
+        return path
+    if results is None or step > results.steps:
+        results = build_results(
+            cfg, num_classes=int(ckpt["num_classes"]), params=ckpt["params"], macs=ckpt["macs"],
+            macs_input_size=ckpt["macs_input_size"], step=step, images_seen=ckpt["images_seen"],
+            epochs=ckpt["epochs"], world_size=ckpt["world_size"], device_type=ckpt["device_type"],
+            device_name=ckpt["device_name"], precision=ckpt["precision"], wall_time_s=ckpt["elapsed_s"],
+            device_seconds=ckpt["device_seconds"], evaluations=[],
+            train_images_per_s=ckpt["train_images"] / ckpt["train_seconds"] if ckpt["train_seconds"] > 0 else None,
+            skipped_images=len(ckpt["skipped_files"]))
+    sizes = {e.size for e in evaluations}
+    results.evaluations = sorted([x for x in results.evaluations if x.size not in sizes] + evaluations,
+                                 key=lambda x: x.size)
+    results.save(run_dir / "results.json")
+    return run_dir / "results.json"

@@ -24,17 +24,28 @@ class ResultsError(ValueError, UserError):
 
 @dataclass
 class Evaluation:
-    """Single centre-crop error at one test size, over `num_samples` distinct validation images."""
+    """Single centre-crop error at one test size, over `num_samples` distinct validation images.
+
+    Written by the trainer's final evaluation or by `ran-bench eval`, on the machine named here,
+    which need not be the training machine of the record."""
 
     size: int
     top1_err: float  # percent
     top5_err: float  # percent
     num_samples: int
     step: int  # training step of the weights evaluated
+    skipped_images: int = 0  # unreadable validation images replaced by a flat image (counted as samples)
+    device_type: str = ""  # where this evaluation ran: "cpu" or "cuda" ("" in records older than the field)
+    device_name: str = ""
+    precision: str = ""  # autocast of this evaluation: "fp32", "bf16" or "fp16"
 
 
 @dataclass
 class Results:
+    """A run's record. The training fields (steps to skipped_images) describe the training run as
+    its checkpoints recorded it, over all its segments (one segment per launch or requeue), even
+    when `ran-bench eval` writes the file on another machine."""
+
     model: str
     dataset: str  # data set name, e.g. "imagenet", "demo", "cifar10"
     data_root: str
@@ -49,17 +60,22 @@ class Results:
     images_seen: int
     epochs: float
     global_batch_size: int
-    world_size: int
-    device_type: str  # "cpu" or "cuda"
+    world_size: int  # processes (one device each) of the last training segment
+    device_type: str  # "cpu" or "cuda", of the last training segment
     device_name: str
-    precision: str  # "fp32", "bf16" or "fp16"
-    wall_time_s: float
-    gpu_hours: float  # world_size x wall time on CUDA, 0 on CPU
+    precision: str  # "fp32", "bf16" or "fp16", of the last training segment
+    wall_time_s: float  # sum over segments of launch-to-last-checkpoint (to results.json for the last one)
+    gpu_hours: float  # on CUDA, sum over segments of its processes x its wall time, / 3600; 0 on CPU
     git_commit: str
     label_noise: float = 0.0
+    augmentation: str = "imagenet"  # data.augmentation: "imagenet", or "cifar" (the paper's CIFAR recipe)
+    # Training images / seconds spent in training steps, over all segments (evaluations, checkpoints,
+    # start-up and steps redone after a kill without a checkpoint excluded); all processes together.
     train_images_per_s: float | None = None
+    # Validation images / seconds of the trainer's final evaluation at the first test size, the
+    # evaluation pass only, on the training processes; None when ran-bench eval wrote the record.
     infer_images_per_s: float | None = None
-    skipped_images: int = 0  # unreadable files replaced during training
+    skipped_images: int = 0  # distinct unreadable training files replaced, over all segments and ranks
     ran_bench_version: str = ""
     created: str = ""  # ISO 8601
     schema_version: int = SCHEMA_VERSION

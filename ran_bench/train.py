@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from ran_bench.fileio import atomic_write, device_name, git_commit
-from ran_bench.config import Backend, Config, ConfigError, Precision, gradient_accumulation_steps, load_config, \
-    lr_at, to_yaml
+from ran_bench.config import Backend, Config, ConfigError, check_resume, config_from_yaml, \
+    gradient_accumulation_steps, load_config, lr_at, mixed_precision, to_yaml
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the launcher requeues the job
 
@@ -105,19 +105,21 @@ def main(args: argparse.Namespace) -> int:
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)  # initialises torch.distributed under torchrun / accelerate launch
     accumulation = gradient_accumulation_steps(cfg, state.num_processes)
-    mixed_precision = _mixed_precision(cfg, state.device)
+    precision = mixed_precision(cfg, state.device.type)
+    if state.device.type == "cuda":
+        # A run's input sizes are fixed, so cuDNN's autotuner pays off after the first batches; the
+        # benchmarks (`ran-bench bench`) time with it on, and the trainer must run what they measure.
+        torch.backends.cudnn.benchmark = True
     if cfg.log.tensorboard:
         _require_tensorboard()
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=accumulation, mixed_precision=precision,
                               log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main_process = accelerator.is_main_process
     _setup_logging(run_dir if main_process else None, rank)
-    if main_process:
-        _write_config(run_dir, cfg)
     log.info("run directory %s; %d process(es) on %s; global batch %d = %d x %d per device x %d accumulation; "
              "precision %s", run_dir, world_size, device, cfg.optim.global_batch_size, world_size,
-             cfg.optim.per_device_batch_size, accumulation, _precision_name(mixed_precision))
+             cfg.optim.per_device_batch_size, accumulation, _precision_name(precision))
 
     # Data: class count, optional label noise, this rank's training shard.
     num_classes = _num_classes(cfg)
@@ -126,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
     loader_args = dict(backend=backend, rank=rank, world_size=world_size, num_threads=cfg.data.num_threads,
                        seed=cfg.seed, channels_last=cfg.model.channels_last, device=device, num_classes=num_classes)
     train_loader = build_loader(cfg.data.root, "train", size=cfg.data.train_size,
-                                batch_size=cfg.optim.per_device_batch_size, labels=labels, **loader_args)
+                                batch_size=cfg.optim.per_device_batch_size, labels=labels,
+                                augmentation=cfg.data.augmentation, **loader_args)
     if len(train_loader) == 0:
         raise ConfigError(f"data.root {cfg.data.root}: the training split has fewer images per process than "
                           f"optim.per_device_batch_size ({cfg.optim.per_device_batch_size})")
@@ -136,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     def val_loader(size: int):
         if size not in val_loaders:
             val_loaders[size] = build_loader(cfg.data.root, "val", size=size, batch_size=cfg.eval.batch_size,
-                                             **loader_args)
+                                             augmentation=cfg.data.augmentation, **loader_args)
         return val_loaders[size]
 
     # Model, identical on every rank (same seed), then per-rank seeds for everything random after.
@@ -163,56 +166,85 @@ def main(args: argparse.Namespace) -> int:
 
     # Resume from the newest good checkpoint (rank 0 chooses, so every rank loads the same file).
     step, epoch, images_seen, elapsed_before, eval_due = 0, 0, 0, 0.0, False
+    # Totals over the earlier segments of the run (one segment per launch), kept in checkpoints.
+    train_images_before, train_seconds_before, device_seconds_before = 0, 0.0, 0.0
+    skipped_before: set[str] = set()  # unreadable training files replaced so far, all ranks
     window = {"loss_sum": torch.zeros((), device=device), "micro_batches": 0}
     ckpt_dir = run_dir / "checkpoints"
-    found = [None]
+    found, ckpt = [None], None
     if main_process:
         latest = load_latest(ckpt_dir, warn=log.warning)
-        found = [str(latest[0]) if latest else None]
+        if latest is not None:
+            found, ckpt = [str(latest[0])], latest[1]
     found = broadcast_object_list(found)[0] if world_size > 1 else found[0]
     if found is not None:
         from ran_bench.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(found)
+        ckpt = ckpt if ckpt is not None else load_checkpoint(found)
+        saved_cfg = config_from_yaml(ckpt["config"], f"{found} (embedded config)")
+        check_resume(saved_cfg, cfg, found)
+        if ckpt["num_classes"] != num_classes:
+            raise ConfigError(f"{found} has {ckpt['num_classes']} classes, this run's data has {num_classes} "
+                              f"(data.root {cfg.data.root}, data.num_classes {cfg.data.num_classes}); resume with the "
+                              f"run's data, or train with this data in a new run directory (--run-dir)")
+        step = ckpt["step"]
+        if step >= cfg.stop_step and _finished_record(run_dir, step):
+            # Nothing left to do; re-evaluating would overwrite the record's measured throughput.
+            log.info("already complete: %s (step %d of %d)", run_dir / "results.json", step, cfg.stop_step)
+            _shutdown(accelerator, cfg)
+            return 0
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if accelerator.scaler is not None and ckpt["scaler"] is not None:
             accelerator.scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, images_seen = ckpt["step"], ckpt["epoch"], ckpt["images_seen"]
+        epoch, images_seen = ckpt["epoch"], ckpt["images_seen"]
         elapsed_before = ckpt["elapsed_s"]
-        if ckpt["world_size"] == world_size:
+        train_images_before, train_seconds_before = ckpt["train_images"], ckpt["train_seconds"]
+        device_seconds_before = ckpt["device_seconds"]
+        skipped_before = set(ckpt["skipped_files"])
+        same_split = saved_cfg.optim.per_device_batch_size == cfg.optim.per_device_batch_size
+        if ckpt["world_size"] == world_size and same_split:
             mine = ckpt["ranks"][rank]
             set_rng_state(mine["rng"])
             train_loader.load_state_dict(mine["data"])
             window = {"loss_sum": mine["window"]["loss_sum"].to(device),
                       "micro_batches": mine["window"]["micro_batches"]}
         else:
-            log.warning("checkpoint %s was written by %d processes, this run has %d: the weights, optimizer "
-                        "and schedule resume, epoch %d restarts from its first batch and random streams are "
-                        "reseeded, so the run is not bitwise the one it would have been", found,
-                        ckpt["world_size"], world_size, epoch)
+            log.warning("checkpoint %s was written by %d processes x %d images per device, this run has %d x %d: "
+                        "the weights, optimizer and schedule resume, epoch %d restarts from its first batch and "
+                        "random streams are reseeded, so the run is not bitwise the one it would have been", found,
+                        ckpt["world_size"], saved_cfg.optim.per_device_batch_size, world_size,
+                        cfg.optim.per_device_batch_size, epoch)
         log.info("resumed from %s at step %d (epoch %d)", found, step, epoch)
         eval_due = ckpt.get("eval_due", False)
         del ckpt
     if main_process:
+        _write_config(run_dir, cfg)
         _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     if cfg.log.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat_hparams(cfg))
 
     def checkpoint(eval_due: bool = False) -> None:
-        rank_state = {"rng": rng_state(), "data": train_loader.state_dict(),
+        rank_state = {"rng": rng_state(), "data": train_loader.state_dict(), "bad_files": list(train_loader.bad_files),
                       "window": {"loss_sum": window["loss_sum"].detach().cpu().clone(),
                                  "micro_batches": window["micro_batches"]}}
         ranks = gather_object([rank_state]) if world_size > 1 else [rank_state]
         if main_process:
             ranks = [_to_cpu(r) for r in ranks]
+            segment = time.perf_counter() - t_begin
             path = save_checkpoint(ckpt_dir, step, {
                 "step": step, "epoch": epoch, "epochs": images_seen / epoch_images, "images_seen": images_seen,
                 "world_size": world_size, "num_classes": num_classes, "params": params, "macs": macs,
                 "macs_input_size": macs_size,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_begin,
+                # What results.json reports about training, whichever machine writes it (see Results).
+                "device_type": device.type, "device_name": device_name(device),
+                "precision": _precision_name(precision),
+                "elapsed_s": elapsed_before + segment, "device_seconds": device_seconds_before + world_size * segment,
+                "train_images": train_images_before + (step - start_step) * cfg.optim.global_batch_size,
+                "train_seconds": train_seconds_before + trained,
+                "skipped_files": sorted(skipped_before.union(*(r["bad_files"] for r in ranks))),
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -225,8 +257,9 @@ def main(args: argparse.Namespace) -> int:
         sync_buffers(raw_model)  # BatchNorm statistics of rank 0 everywhere, as in the checkpoint
         out = []
         for size in sizes:
+            loader = val_loader(size)  # built once per size; not part of the timed evaluation pass
             t0 = time.perf_counter()
-            result = evaluate(accelerator, raw_model, val_loader(size), num_classes)
+            result = evaluate(accelerator, raw_model, loader, num_classes)
             result.update(size=size, step=step, seconds=time.perf_counter() - t0)
             log.info("step %d, eval at %d px: top-1 err %.2f%%, top-5 err %.2f%% over %d images",
                      step, size, result["top1_err"], result["top5_err"], result["num_samples"])
@@ -250,8 +283,13 @@ def main(args: argparse.Namespace) -> int:
     model.train()
     bar = tqdm(total=stop_step, initial=step, disable=not main_process, unit="step", dynamic_ncols=True,
                smoothing=0.1)
-    t_segment, start_step, excluded = time.perf_counter(), step, 0.0  # excluded: evaluation, checkpoints
+    # trained: this segment's seconds in training steps, evaluation and checkpoints excluded; it
+    # grows by the time from t_mark to each pause for one of those.
+    start_step, trained, t_mark = step, 0.0, time.perf_counter()
     t_window, images_window, data_wait = time.perf_counter(), 0, 0.0
+    # Each rank's vote to stop, preallocated on the device: filling it queues a kernel, while
+    # torch.tensor(value, device=...) would copy from the host and synchronise every step.
+    vote = torch.zeros((), device=device)
     signalled, votes = False, None
     while step < stop_step and not signalled:
         train_loader.set_epoch(epoch)
@@ -297,26 +335,26 @@ def main(args: argparse.Namespace) -> int:
             # Stop when any rank was signalled before the previous step ended. Votes are summed over
             # ranks and read one step later, so reading them never waits for the step just queued.
             signalled = votes is not None and votes.item() > 0
-            vote = torch.tensor(float(stop_request.signum is not None), device=device)
-            votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote
+            vote.fill_(float(stop_request.signum is not None))
+            votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote  # read before the next fill_
             finished = step >= stop_step
             eval_due = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and not finished
             if eval_due and not signalled:  # when signalled, the resumed run evaluates first
                 t0 = time.perf_counter()
+                trained += t0 - t_mark
                 run_evaluation(cfg.data.test_sizes)
                 model.train()
-                t_window += time.perf_counter() - t0  # evaluation time is not training throughput
-                excluded += time.perf_counter() - t0
+                t_mark = time.perf_counter()
+                t_window += t_mark - t0  # evaluation time is not training throughput
             if step % cfg.checkpoint.every_steps == 0 or finished or signalled:
                 t0 = time.perf_counter()
+                trained += t0 - t_mark
                 checkpoint(eval_due=eval_due and signalled)
-                t_window += time.perf_counter() - t0
-                excluded += time.perf_counter() - t0
-            if finished or signalled:
+                t_mark = time.perf_counter()
+                t_window += t_mark - t0
+            if finished or signalled:  # both wrote a checkpoint just now: `trained` is complete
                 break
     bar.close()
-    train_time = time.perf_counter() - t_segment - excluded
-    train_images_per_s = (step - start_step) * cfg.optim.global_batch_size / train_time if step > start_step else None
     if signalled:
         log.warning("stopped by signal %s after step %d; checkpoint written, exiting with %d so the launcher "
                     "requeues the run", signal.Signals(stop_request.signum).name if stop_request.signum
@@ -328,13 +366,20 @@ def main(args: argparse.Namespace) -> int:
     evaluations = run_evaluation(cfg.data.test_sizes)
     bad_files = gather_object(list(train_loader.bad_files)) if world_size > 1 else list(train_loader.bad_files)
     if main_process:
-        wall = elapsed_before + time.perf_counter() - t_begin
+        segment = time.perf_counter() - t_begin
+        wall = elapsed_before + segment
+        train_images = train_images_before + (step - start_step) * cfg.optim.global_batch_size
+        train_seconds = train_seconds_before + trained
+        first = evaluations[0]
         results = build_results(
             cfg, num_classes=num_classes, params=params, macs=macs, macs_input_size=macs_size, step=step,
-            images_seen=images_seen, epochs=images_seen / epoch_images, world_size=world_size, device=device,
-            precision=_precision_name(mixed_precision), wall_time_s=wall, evaluations=evaluations,
-            train_images_per_s=train_images_per_s,
-            skipped_images=len(set(bad_files)))
+            images_seen=images_seen, epochs=images_seen / epoch_images, world_size=world_size,
+            device_type=device.type, device_name=device_name(device), precision=_precision_name(precision),
+            wall_time_s=wall, device_seconds=device_seconds_before + world_size * segment,
+            evaluations=[_evaluation(e, device, _precision_name(precision)) for e in evaluations],
+            train_images_per_s=train_images / train_seconds if train_seconds > 0 else None,
+            infer_images_per_s=first["num_samples"] / first["seconds"] if first["seconds"] > 0 else None,
+            skipped_images=len(skipped_before.union(bad_files)))
         results.save(run_dir / "results.json")
         log.info("results: %s (%s, %d steps, %.0f s)", run_dir / "results.json",
                  "partial" if results.partial else "complete", step, wall)
@@ -343,27 +388,46 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_results(cfg: Config, *, num_classes: int, params: int, macs: int, macs_input_size: int, step: int,
-                  images_seen: int, epochs: float, world_size: int, device: torch.device, precision: str,
-                  wall_time_s: float, evaluations: list[dict], train_images_per_s: float | None = None,
+                  images_seen: int, epochs: float, world_size: int, device_type: str, device_name: str,
+                  precision: str, wall_time_s: float, device_seconds: float, evaluations: list,
+                  train_images_per_s: float | None = None, infer_images_per_s: float | None = None,
                   skipped_images: int = 0):
-    """The `Results` record of a run (also used by `ran-bench eval` for a run without one)."""
+    """The `Results` record of a run (also used by `ran-bench eval` for a run without one): the
+    training fields describe the training run, whichever machine calls this; `evaluations` are
+    `Evaluation`s, each naming where it ran."""
     from ran_bench import __version__
-    from ran_bench.results import Evaluation, Results
+    from ran_bench.results import Results
 
-    first = evaluations[0] if evaluations else None
     return Results(
         model=cfg.model.name, dataset=cfg.data.name, data_root=str(cfg.data.root), num_classes=num_classes,
         params=params, macs=macs, macs_input_size=macs_input_size, train_size=cfg.data.train_size,
-        evaluations=[Evaluation(size=e["size"], top1_err=e["top1_err"], top5_err=e["top5_err"],
-                                num_samples=e["num_samples"], step=e["step"]) for e in evaluations],
-        steps=step, total_steps=cfg.total_steps, images_seen=images_seen, epochs=epochs,
-        global_batch_size=cfg.optim.global_batch_size, world_size=world_size, device_type=device.type,
-        device_name=device_name(device), precision=precision, wall_time_s=wall_time_s,
-        gpu_hours=world_size * wall_time_s / 3600 if device.type == "cuda" else 0.0, git_commit=git_commit(),
-        label_noise=cfg.data.label_noise, train_images_per_s=train_images_per_s,
-        infer_images_per_s=first["num_samples"] / first["seconds"] if first and first.get("seconds") else None,
-        skipped_images=skipped_images, ran_bench_version=__version__,
+        augmentation=cfg.data.augmentation, evaluations=list(evaluations), steps=step, total_steps=cfg.total_steps,
+        images_seen=images_seen, epochs=epochs, global_batch_size=cfg.optim.global_batch_size,
+        world_size=world_size, device_type=device_type, device_name=device_name, precision=precision,
+        wall_time_s=wall_time_s, gpu_hours=device_seconds / 3600 if device_type == "cuda" else 0.0,
+        git_commit=git_commit(), label_noise=cfg.data.label_noise, train_images_per_s=train_images_per_s,
+        infer_images_per_s=infer_images_per_s, skipped_images=skipped_images, ran_bench_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _evaluation(result: dict, device: torch.device, precision: str):
+    """An `evaluate` result as the `Evaluation` of results.json, with the device it ran on."""
+    from ran_bench.results import Evaluation
+
+    return Evaluation(size=result["size"], top1_err=result["top1_err"], top5_err=result["top5_err"],
+                      num_samples=result["num_samples"], step=result["step"],
+                      skipped_images=result["skipped_images"], device_type=device.type,
+                      device_name=device_name(device), precision=precision)
+
+
+def _finished_record(run_dir: Path, step: int) -> bool:
+    """True when RUN_DIR/results.json is the record of training up to `step`."""
+    from ran_bench.results import ResultsError, load_results
+
+    try:
+        return load_results(run_dir / "results.json").steps == step
+    except ResultsError:
+        return False  # missing or unreadable: the final evaluation writes it again
 
 
 def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
@@ -380,12 +444,6 @@ def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
         raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(config_path).stem
     return cfg, run_dir
-
-
-def _mixed_precision(cfg: Config, device: torch.device) -> str:
-    if cfg.precision is Precision.auto:
-        return "bf16" if device.type == "cuda" else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
 
 
 def _precision_name(mixed_precision: str) -> str:

@@ -14,12 +14,19 @@ Few launches, several facts each (each launch pays seconds of start-up):
 - Exact evaluation: the validation set has 18 images, not a multiple of 2 processes x batch 4;
   `ran-bench eval` of A2 in 1 process equals A2's 2-process evaluation, counts all 18 images, and
   matches the error computed here image by image.
+- Gradient accumulation across an epoch boundary: a global batch of 20 = 4 x 5 micro-batches over
+  48 images, so optimizer steps 3 and 5 take micro-batches from two epochs; a run stopped after
+  step 3 (schedule.max_steps) and continued ends bitwise where the uninterrupted run U ends.
+- The record: a finished run is not redone, a changed recipe is refused, `ran-bench eval` of an
+  older checkpoint leaves results.json alone, and a record built by eval describes the training
+  run (its device, precision, throughput and GPU time), not the evaluating machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +58,15 @@ eval: {{every_steps: 5, batch_size: 4}}
 log: {{every_steps: 2}}
 """
 STEPS = {"batch": 10, "group": 8}
+ACCUMULATION = """
+model: {{name: test_tiny_net}}
+data: {{name: tiny, root: {root}, backend: torchvision, train_size: 32, test_sizes: [32], num_threads: 0}}
+optim: {{global_batch_size: 20, per_device_batch_size: 4, lr_per_256: 1.28}}
+schedule: {{reference_batch_size: 20, total_steps: 6, milestones: [4]}}
+checkpoint: {{every_steps: 3, keep_last: 3}}
+eval: {{every_steps: 0, batch_size: 6}}
+log: {{every_steps: 1}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +82,7 @@ def setup(tmp_path_factory):
         (base / f"{norm}.yaml").write_text(CONFIG.format(
             norm=norm, root=base / "data", noise=noise, batch=batch, per_device=per_device,
             lr_per_256=0.1 * 256 / batch, steps=STEPS[norm]))  # learning rate 0.1
+    (base / "accumulation.yaml").write_text(ACCUMULATION.format(root=base / "data"))
     return base
 
 
@@ -268,3 +285,115 @@ def test_evaluation_is_exact_across_processes(setup, run_a2):
     assert n == VAL_IMAGES
     assert one[0]["top1_err"] == pytest.approx(100 * wrong1 / n, abs=1e-4)
     assert one[0]["top5_err"] == pytest.approx(100 * wrong5 / n, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def run_u(setup):
+    """The accumulation recipe, uninterrupted: steps 1-6, checkpoints at 3 and 6, results.json."""
+    _python("train", "--config", str(setup / "accumulation.yaml"), "--run-dir", str(setup / "U"))
+    return setup / "U"
+
+
+@pytest.fixture(scope="module")
+def run_r3(setup):
+    """The accumulation recipe stopped after step 3 (a partial run), and a copy of it."""
+    _python("train", "--config", str(setup / "accumulation.yaml"), "--run-dir", str(setup / "R"),
+            "schedule.max_steps=3")
+    shutil.copytree(setup / "R", setup / "R-copy")
+    return setup / "R"
+
+
+def test_accumulation_window_across_an_epoch_boundary_resumes_bitwise(setup, run_u, run_r3):
+    from ran_bench.checkpoint import load_checkpoint
+
+    at3 = load_checkpoint(run_r3 / "checkpoints" / "step_00000003.pt")
+    # 15 micro-batches of 4 done, 12 per epoch: the window of step 3 spanned epochs 0 and 1.
+    assert (at3["epoch"], at3["ranks"][0]["data"]["batches"], at3["images_seen"]) == (1, 3, 60)
+    assert json.loads((run_r3 / "results.json").read_text())["steps"] == 3  # a partial record
+    resumed = _python("train", "--run-dir", str(run_r3), "schedule.max_steps=null")
+    assert "resumed from" in resumed.stderr and "at step 3 (epoch 1)" in resumed.stderr
+    _assert_bitwise_equal(_final_weights(run_r3, 6), _final_weights(run_u, 6))
+    train_lines = lambda run: [m for m in _metrics(run) if m["kind"] == "train"]  # noqa: E731
+    assert train_lines(run_r3) == train_lines(run_u)
+
+    # Training throughput covers both segments: 6 steps x 20 images over their summed step time.
+    last = load_checkpoint(run_r3 / "checkpoints" / "step_00000006.pt")
+    assert last["train_images"] == 120 and last["train_seconds"] > at3["train_seconds"] > 0
+    results = json.loads((run_r3 / "results.json").read_text())
+    assert results["train_images_per_s"] == last["train_images"] / last["train_seconds"]
+    assert (results["steps"], results["augmentation"], results["skipped_images"]) == (6, "imagenet", 0)
+    assert results["evaluations"][0]["skipped_images"] == 0
+    assert (results["evaluations"][0]["device_type"], results["evaluations"][0]["precision"]) == ("cpu", "fp32")
+
+
+def test_a_finished_run_is_not_trained_or_evaluated_again(run_u):
+    before = (run_u / "results.json").read_bytes()
+    checkpoints = sorted(p.name for p in (run_u / "checkpoints").iterdir())
+    again = _python("train", "--run-dir", str(run_u))
+    assert f"already complete: {run_u / 'results.json'}" in again.stderr
+    assert (run_u / "results.json").read_bytes() == before
+    assert sorted(p.name for p in (run_u / "checkpoints").iterdir()) == checkpoints
+
+
+def test_resume_with_a_changed_recipe_is_refused_and_a_new_split_of_the_batch_is_not(setup, run_r3):
+    run_dir = setup / "R-copy"  # stopped at step 3
+    config = (run_dir / "config.yaml").read_text()
+    refused = _python("train", "--run-dir", str(run_dir), "optim.lr_per_256=2.56", "schedule.milestones=[5]",
+                      check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error: " in refused.stderr and "was trained with a different recipe" in refused.stderr
+    assert "optim.lr_per_256: 1.28 in the checkpoint, 2.56 now; schedule.milestones: [4] in the checkpoint, [5] now" \
+        in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (run_dir / "config.yaml").read_text() == config  # the run's config is left as it was
+
+    # 20 = 2 per device x 10 micro-batches instead of 4 x 5: the same recipe, resumed from the start of
+    # epoch 1. The checkpoint is made to say that the segment before ran on 2 devices (GPU time is
+    # counted per segment: its processes x its wall time).
+    from ran_bench.checkpoint import load_checkpoint, save_checkpoint
+
+    at3 = load_checkpoint(run_dir / "checkpoints" / "step_00000003.pt")
+    save_checkpoint(run_dir / "checkpoints", 3, {**at3, "device_seconds": 2 * at3["elapsed_s"]}, keep_last=3)
+    split = _python("train", "--run-dir", str(run_dir), "schedule.max_steps=null", "optim.per_device_batch_size=2")
+    assert "was written by 1 processes x 4 images per device, this run has 1 x 2" in split.stderr
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 6
+    last = load_checkpoint(run_dir / "checkpoints" / "step_00000006.pt")
+    assert last["device_seconds"] == pytest.approx(2 * at3["elapsed_s"] + 1 * (last["elapsed_s"] - at3["elapsed_s"]))
+
+
+def test_eval_of_an_older_checkpoint_leaves_the_record_of_the_finished_run(run_u):
+    before = (run_u / "results.json").read_bytes()
+    out = _python("eval", str(run_u / "checkpoints" / "step_00000003.pt"))
+    assert (run_u / "results.json").read_bytes() == before
+    record = json.loads((run_u / "evals" / "step_00000003.json").read_text())
+    assert f"updated {run_u / 'evals' / 'step_00000003.json'}" in out.stdout
+    assert record["step"] == 3 and record["checkpoint"].endswith("step_00000003.pt")
+    assert [(e["size"], e["step"], e["num_samples"]) for e in record["evaluations"]] == [(32, 3, VAL_IMAGES)]
+
+
+def test_a_record_built_by_eval_describes_the_training_run(setup, run_u):
+    """A run without results.json (its final evaluation never ran): `ran-bench eval` builds the record
+    from what the checkpoint saved about training (here: 8 H100s in bf16) and notes its own device on
+    its evaluation; an unreadable validation image is counted in that evaluation."""
+    from ran_bench.checkpoint import load_checkpoint, save_checkpoint
+
+    run_dir = setup / "E"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_u / "config.yaml", run_dir / "config.yaml")
+    state = load_checkpoint(run_u / "checkpoints" / "step_00000006.pt")
+    state.update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", precision="bf16", world_size=8,
+                 device_seconds=8 * 3600.0, train_images=120, train_seconds=0.5, skipped_files=["a.JPEG"])
+    save_checkpoint(run_dir / "checkpoints", 6, state, keep_last=1)
+    data = setup / "data-one-bad"
+    shutil.copytree(setup / "data", data)
+    (sorted((data / "val").iterdir())[0] / "broken.JPEG").write_bytes(b"not a JPEG")
+
+    _python("eval", str(run_dir), f"data.root={data}")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["device_type"], results["device_name"], results["precision"], results["world_size"]) == \
+        ("cuda", "NVIDIA H100 80GB HBM3", "bf16", 8)
+    assert (results["gpu_hours"], results["train_images_per_s"], results["skipped_images"]) == (8.0, 240.0, 1)
+    assert results["infer_images_per_s"] is None  # not measured on the training machine
+    [evaluation] = results["evaluations"]
+    assert (evaluation["device_type"], evaluation["precision"]) == ("cpu", "fp32")
+    assert (evaluation["num_samples"], evaluation["skipped_images"]) == (VAL_IMAGES + 1, 1)
