@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
