@@ -145,9 +145,11 @@ def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) 
     results.json is the record of the run's newest weights: the checkpoint's evaluations replace
     those of the same size when the record is of the checkpoint's step, and a record is built from
     the checkpoint (its training fields from what the checkpoint saved of the training run) when
-    there is none, or when the run has trained past the record since. Older checkpoints get
-    RUN_DIR/evals/step_XXXXXXXX.json, the same Evaluation objects."""
-    from ran_bench.results import ResultsError, load_results, write_json_atomic
+    there is none, or when the run has trained past the record since (the old record's
+    evaluations then move to evals/). An older checkpoint's evaluations go to
+    RUN_DIR/evals/step_XXXXXXXX.json, as the same Evaluation objects."""
+    from ran_bench.checkpoint import checkpoint_path
+    from ran_bench.results import ResultsError, load_results
     from ran_bench.train import build_results
 
     step = int(ckpt["step"])
@@ -156,17 +158,11 @@ def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) 
     except ResultsError:
         results = None  # none yet (an interrupted run), or unreadable: rebuilt from the checkpoint
     if results is not None and step < results.steps:
-        path = run_dir / "evals" / f"step_{step:08d}.json"
-        kept = []
-        if path.is_file():
-            kept = [e for e in json.loads(path.read_text())["evaluations"]
-                    if e["size"] not in {x.size for x in evaluations}]
-        path.parent.mkdir(exist_ok=True)
-        write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step,
-                                 "evaluations": sorted(kept + [asdict(e) for e in evaluations],
-                                                       key=lambda e: e["size"])})
-        return path
+        return _save_step_evaluations(run_dir, step, ckpt_path, evaluations)
     if results is None or step > results.steps:
+        if results is not None and results.evaluations:
+            _save_step_evaluations(run_dir, results.steps, checkpoint_path(run_dir / "checkpoints", results.steps),
+                                   results.evaluations)
         results = build_results(
             cfg, num_classes=int(ckpt["num_classes"]), params=ckpt["params"], macs=ckpt["macs"],
             macs_input_size=ckpt["macs_input_size"], step=step, images_seen=ckpt["images_seen"],
@@ -175,8 +171,24 @@ def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) 
             device_seconds=ckpt["device_seconds"], evaluations=[],
             train_images_per_s=ckpt["train_images"] / ckpt["train_seconds"] if ckpt["train_seconds"] > 0 else None,
             skipped_images=len(ckpt["skipped_files"]))
-    sizes = {e.size for e in evaluations}
-    results.evaluations = sorted([x for x in results.evaluations if x.size not in sizes] + evaluations,
-                                 key=lambda x: x.size)
+    results.evaluations = _merge(results.evaluations, evaluations)
     results.save(run_dir / "results.json")
     return run_dir / "results.json"
+
+
+def _save_step_evaluations(run_dir: Path, step: int, ckpt_path: Path, evaluations: list) -> Path:
+    """Add `evaluations` (of the checkpoint of `step`) to RUN_DIR/evals/step_XXXXXXXX.json."""
+    from ran_bench.results import Evaluation, write_json_atomic
+
+    path = run_dir / "evals" / f"step_{step:08d}.json"
+    kept = [Evaluation(**e) for e in json.loads(path.read_text())["evaluations"]] if path.is_file() else []
+    path.parent.mkdir(exist_ok=True)
+    write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step,
+                             "evaluations": [asdict(e) for e in _merge(kept, evaluations)]})
+    return path
+
+
+def _merge(old: list, new: list) -> list:
+    """`old` evaluations with those of the sizes in `new` replaced, by size."""
+    sizes = {e.size for e in new}
+    return sorted([e for e in old if e.size not in sizes] + list(new), key=lambda e: e.size)

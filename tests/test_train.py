@@ -372,14 +372,19 @@ def test_eval_of_an_older_checkpoint_leaves_the_record_of_the_finished_run(run_u
 
 
 def test_a_record_built_by_eval_describes_the_training_run(setup, run_u):
-    """A run without results.json (its final evaluation never ran): `ran-bench eval` builds the record
-    from what the checkpoint saved about training (here: 8 H100s in bf16) and notes its own device on
-    its evaluation; an unreadable validation image is counted in that evaluation."""
+    """A run whose record is older than its newest checkpoint (a partial record at step 3, then trained
+    to step 6 and stopped before its final evaluation): `ran-bench eval` builds the record of step 6
+    from what the checkpoint saved about training (here: 8 H100s in bf16), notes its own device on
+    its evaluation, counts an unreadable validation image in it, and keeps the step-3 evaluation."""
     from ran_bench.checkpoint import load_checkpoint, save_checkpoint
+    from ran_bench.results import load_results
 
     run_dir = setup / "E"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(run_u / "config.yaml", run_dir / "config.yaml")
+    partial = load_results(run_u)
+    partial.steps, partial.evaluations[0].step, partial.evaluations[0].top1_err = 3, 3, 50.0
+    partial.save(run_dir / "results.json")
     state = load_checkpoint(run_u / "checkpoints" / "step_00000006.pt")
     state.update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", precision="bf16", world_size=8,
                  device_seconds=8 * 3600.0, train_images=120, train_seconds=0.5, skipped_files=["a.JPEG"])
@@ -397,3 +402,5 @@ def test_a_record_built_by_eval_describes_the_training_run(setup, run_u):
     [evaluation] = results["evaluations"]
     assert (evaluation["device_type"], evaluation["precision"]) == ("cpu", "fp32")
     assert (evaluation["num_samples"], evaluation["skipped_images"]) == (VAL_IMAGES + 1, 1)
+    moved = json.loads((run_dir / "evals" / "step_00000003.json").read_text())["evaluations"]
+    assert [(e["step"], e["top1_err"]) for e in moved] == [(3, 50.0)]
