@@ -85,8 +85,9 @@ def attention_masks(model: nn.Module, image: torch.Tensor) -> list[Mask]:
     return masks
 
 
-def preprocess(path: str | Path, size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The validation transform of `path`: (the crop as uint8 HxWx3, the normalised 1x3xHxW tensor)."""
+def preprocess(path: str | Path, size: int, augmentation: str = "imagenet") -> tuple[np.ndarray, torch.Tensor]:
+    """The validation transform of `path` for the run's `data.augmentation` (the CIFAR recipe tests
+    without the 0.875 enlargement): (the crop as uint8 HxWx3, the normalised 1x3xHxW tensor)."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
@@ -99,7 +100,7 @@ def preprocess(path: str | Path, size: int) -> tuple[np.ndarray, torch.Tensor]:
             img = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise VisualizeError(f"--image {path}: cannot read the image ({e})") from None
-    rh, rw, top, left = val_geometry(img.height, img.width, size)
+    rh, rw, top, left = val_geometry(img.height, img.width, size, short=size if augmentation == "cifar" else None)
     img = TF.crop(TF.resize(img, [rh, rw], interpolation=TF.InterpolationMode.BILINEAR), top, left, size, size)
     crop = TF.pil_to_tensor(img)
     mean = torch.tensor(MEAN_255).view(3, 1, 1)
@@ -225,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     model, cfg, checkpoint = load_model(args.checkpoint, args.config)
     size = args.size or cfg.data.test_sizes[0]
-    crop, image = preprocess(args.image, size)
+    crop, image = preprocess(args.image, size, cfg.data.augmentation)
     masks = attention_masks(model, image)
     with torch.no_grad():
         probs = model(image).softmax(-1)[0]

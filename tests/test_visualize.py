@@ -114,3 +114,14 @@ def test_cli_errors_name_the_problem(run_dir, tmp_path, image_file, capsys):
     other.write_text((run / "config.yaml").read_text().replace("cifar_attention56", "cifar_attention92"))
     assert main(["visualize", "--checkpoint", str(run), "--config", str(other), "--image", str(image_file)]) == 2
     assert "its weights do not fit cifar_attention92" in capsys.readouterr().err
+
+
+def test_cifar_runs_see_the_native_32x32_image(tmp_path):
+    # The paper tests CIFAR on the 32x32 images as they are; the ImageNet transform would enlarge
+    # them to 37 px and cut 2-3 px off every border.
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "c.png")
+    crop, _ = visualize.preprocess(tmp_path / "c.png", 32, "cifar")
+    assert np.array_equal(crop, pixels)
+    crop, _ = visualize.preprocess(tmp_path / "c.png", 32)
+    assert not np.array_equal(crop, pixels)
