@@ -6,8 +6,13 @@ slurm/common.sh; the submit jobs get the same overrides). Facts checked:
 - `sbatch --wait slurm/ran92_8gpu.sh` exits 0 and leaves a complete results.json of world size 2;
 - a job requeued mid-run (`scontrol requeue`) comes back, resumes from its checkpoint and ends with
   bitwise the weights of the uninterrupted job;
+- the script's own time-limit path (SIGUSR1 to the batch shell, as --signal=B:USR1 sends it) stops
+  the trainers at a checkpoint, requeues the job, and the resumed job ends with the same weights;
 - the multi-node script on 2 nodes (1 process per node) trains with world size 2, one launcher on
-  SLURM node 0 and one on node 1;
+  SLURM node 0 and one on node 1, also when the job was submitted with several tasks per node;
+- a 2-node job whose trainers fail (a bad data.root) ends failed, without requeueing itself;
+- a script submitted by its path from another folder finds the repository;
+- `ran-bench submit` with a partition the cluster does not have is a one-line error;
 - `ran-bench submit` runs 2 tasks as 2 ranks to the end; interrupted through submitit's preemption
   path (`job._interrupt()`), the job requeues itself, resumes and ends with the same weights.
 """
@@ -159,11 +164,37 @@ def test_requeued_job_resumes_with_the_same_weights(demo, reference):
     _assert_same_weights(run_dir, reference)
 
 
+def test_time_limit_signal_checkpoints_requeues_and_resumes_with_the_same_weights(demo, reference):
+    """The pre-timeout path: --signal=B:USR1 reaches the batch shell only (here by scancel --batch), which
+    forwards it to the step; the trainers checkpoint and exit 75 and the script requeues the job."""
+    run_dir = demo / "runs" / "time-limit"
+    proc, job_id = _sbatch("slurm/ran92_8gpu.sh", _job_env(demo / "data", run_dir), demo, wait=False)
+    try:
+        _wait_for(run_dir / "checkpoints" / "step_00000002.pt", "the first checkpoint")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", job_id], timeout=30)
+            proc.kill()
+    log = _log(demo, job_id)
+    assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
+    for line in ["received SIGUSR1 (time limit near)", "exit 75 on every node): requeueing job", f"job {job_id} attempt 2] start",
+                 f"job {job_id} attempt 2] finished"]:
+        assert line in log, f"{line!r} not in:\n{log[-3000:]}"
+    resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", (run_dir / "train.log").read_text())
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, resumed
+    assert _train_steps(run_dir) == list(range(1, STEPS + 1))
+    _assert_same_weights(run_dir, reference)
+
+
 def test_multinode_script_spans_two_nodes(demo):
     if _num_idle_capable_nodes() < 2:
         pytest.skip("the cluster has one node; start it with NODES=2")
     run_dir = demo / "runs" / "two-nodes"
-    rc, job_id, log = _sbatch("slurm/ran92_4x8gpu.sh", _job_env(demo / "data", run_dir), demo, "--nodes=2")
+    # Several tasks per node in the job: still one launcher per node (srun must not inherit them).
+    rc, job_id, log = _sbatch("slurm/ran92_4x8gpu.sh", _job_env(demo / "data", run_dir), demo, "--nodes=2",
+                              "--ntasks-per-node=2")
     assert rc == 0, f"job {job_id} exited {rc}:\n{log[-5000:]}"
     launchers = re.findall(r"\[ran-bench node (\d+)/(\d+) (\S+)\] main (\S+):(\d+), 1 process", log)
     assert sorted((rank, total) for rank, total, *_ in launchers) == [("0", "2"), ("1", "2")], log[-3000:]
@@ -171,6 +202,48 @@ def test_multinode_script_spans_two_nodes(demo):
     assert len({(addr, port) for *_, addr, port in launchers}) == 1  # one rendezvous point
     results = _results(run_dir)
     assert results["world_size"] == 2 and results["steps"] == STEPS
+
+
+def test_multinode_job_that_fails_is_not_requeued(demo):
+    """One node failing makes srun stop the others, whose trainers checkpoint and exit 75; the job
+    must end failed, with the failing node's status, not requeue itself again and again."""
+    if _num_idle_capable_nodes() < 2:
+        pytest.skip("the cluster has one node; start it with NODES=2")
+    run_dir = demo / "runs" / "bad-root"
+    env = _job_env(demo / "data", run_dir, overrides=f"data.root={demo / 'no-such-data'}")
+    rc, job_id, log = _sbatch("slurm/ran92_4x8gpu.sh", env, demo, "--nodes=2")
+    assert rc not in (0, 75), f"job {job_id} exited {rc}:\n{log[-5000:]}"
+    assert re.search(r"failed: node [01] \(\S+\) exited with \d+", log), log[-3000:]
+    assert "attempt 2" not in log and "requeueing" not in log, log[-3000:]
+    restarts = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State,ExitCode", "-P"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+    assert restarts and restarts[0].startswith("FAILED|"), restarts
+
+
+def test_script_submitted_from_another_folder_finds_the_repository(demo, tmp_path):
+    """sbatch /path/to/ran-bench/slurm/ran92_8gpu.sh from elsewhere: the repository comes from SLURM's
+    record of the job. Without GPUs and SMOKE the job then stops at common.sh's own check."""
+    env = {k: v for k, v in _job_env(demo / "data", tmp_path / "run").items() if k not in ("SMOKE", "RAN_BENCH_REPO")}
+    proc = subprocess.run(["sbatch", "--gres=none", f"--output={tmp_path}/%x-%j.out", "--wait",
+                           str(REPO / "slurm" / "ran92_8gpu.sh")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT_S)
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    log = _log(tmp_path, job_id)
+    assert proc.returncode == 2, log
+    assert "no GPUs allocated (SLURM_GPUS_ON_NODE is unset)" in log, log  # common.sh was found and ran
+
+
+def test_submit_to_a_partition_the_cluster_lacks_is_a_clear_error(demo, tmp_path, capsys, monkeypatch):
+    from ran_bench.cli import main as cli
+
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "run"
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+              "--partition", "no-such-partition", "--run-dir", str(run_dir), f"data.root={demo / 'data'}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error: sbatch refused the job:" in err and "invalid partition" in err.lower(), err
+    assert not run_dir.exists()
 
 
 def _submit(demo: Path, run_dir: Path, capsys) -> "submitit.SlurmJob":  # noqa: F821
