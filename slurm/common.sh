@@ -130,7 +130,8 @@ for ((k = 0; k < NUM_NODES; k++)); do
     *) if [ -z "$failed_node" ]; then failed_node="$k ($node_name)"; failed_rc=$node_rc; fi ;;
   esac
 done
-[ "$NUM_NODES" -gt 1 ] && _log "the job step ended (srun exit $rc): $(printf '%s; ' "${summary[@]}")"
+printf -v summary_text '%s; ' "${summary[@]}"
+[ "$NUM_NODES" -gt 1 ] && _log "the job step ended (srun exit $rc): ${summary_text%; }"
 
 if [ -n "$failed_node" ]; then
   if [ -z "$failed_rc" ]; then  # killed before it could record anything (SIGKILL, node failure)

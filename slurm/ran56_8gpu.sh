@@ -1,5 +1,6 @@
 #!/bin/bash
-# Attention-56 on ImageNet, one node with 8 GPUs. Submit from the repository root:
+# Attention-56 on ImageNet, one node with 8 GPUs. Submit from the repository root (or give the
+# script's full path from anywhere):
 #   sbatch --export=ALL,DATA_ROOT=/data/imagenet slurm/ran56_8gpu.sh
 # Settings (environment or --export): DATA_ROOT, RUN_DIR (default runs/<job name>-<job id>;
 # give an existing run directory to continue it), OVERRIDES ("key=value ..." config overrides),

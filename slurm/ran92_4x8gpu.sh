@@ -1,5 +1,6 @@
 #!/bin/bash
-# Attention-92 on ImageNet, 4 nodes x 8 GPUs (32 processes). Submit from the repository root:
+# Attention-92 on ImageNet, 4 nodes x 8 GPUs (32 processes). Submit from the repository root (or
+# give the script's full path from anywhere):
 #   sbatch --export=ALL,DATA_ROOT=/data/imagenet slurm/ran92_4x8gpu.sh
 # Another node count: sbatch --nodes=2 ... (the global batch is the config's, kept by gradient
 # accumulation). One `accelerate launch` per node gets its machine rank, the main node's address
