@@ -119,6 +119,11 @@ done
 
 # The decision comes from every node's own exit status: when one node fails, srun stops the
 # others, whose trainers checkpoint and exit 75 -- a failure must not look like a requeue.
+# Other nodes' records may take a moment to show on a network file system.
+for ((_i = 0; _i < 10; _i++)); do
+  _missing=0; for ((k = 0; k < NUM_NODES; k++)); do [ -s "$NODE_STATUS_DIR/node$k" ] || _missing=1; done
+  [ "$_missing" = 0 ] && break; sleep 1
+done
 summary=() failed_node="" failed_rc="" stopped=0
 for ((k = 0; k < NUM_NODES; k++)); do
   node_rc="" node_name="?"
