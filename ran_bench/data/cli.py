@@ -1,4 +1,4 @@
-"""`ran-bench data`: prepare-val, verify and make-demo."""
+"""`ran-bench data`: prepare-val, verify, make-demo and cifar."""
 
 from __future__ import annotations
 
@@ -38,12 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also write a grayscale, a CMYK, a PNG-named-.JPEG, a truncated JPEG and a text "
                         "file into the first class of each split (for testing loaders and verify)")
 
+    p = sub.add_parser("cifar", help="convert the official CIFAR-10/100 python archive into class folders of PNGs",
+                       description="Convert cifar-10-python.tar.gz or cifar-100-python.tar.gz (download them "
+                                   "from https://www.cs.toronto.edu/~kriz/cifar.html) into OUT/train/<label>_<name>/"
+                                   "*.png and OUT/val/<label>_<name>/*.png (the test set), lossless 32x32 PNGs; "
+                                   "folder order is the official label order.")
+    p.add_argument("archive", help="cifar-10-python.tar.gz or cifar-100-python.tar.gz (CIFAR-10 vs 100 is "
+                                   "detected from its members)")
+    p.add_argument("out", help="new or empty output folder (e.g. data/cifar10, the configs' data.root)")
+    p.add_argument("--workers", type=int, default=None, help="PNG-writing processes (default: all cores)")
+
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "prepare-val":
         return _prepare_val(args)
     if args.action == "verify":
         return _verify(args)
+    if args.action == "cifar":
+        return _cifar(args)
     return _make_demo(args)
 
 
@@ -89,4 +101,21 @@ def _make_demo(args) -> int:
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     print(f"wrote {counts['train']} train and {counts['val']} val images in {args.classes} classes "
           f"to {args.out} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+def _cifar(args) -> int:
+    import os
+    import time
+
+    from ran_bench.data.cifar import convert_cifar
+
+    start = time.perf_counter()
+    workers = args.workers or len(os.sched_getaffinity(0))
+    r = convert_cifar(args.archive, args.out, workers=workers, progress=sys.stderr.isatty())
+    print(f"{r.dataset}: wrote {r.images['train']} train and {r.images['val']} val images in {len(r.classes)} "
+          f"classes to {r.out} in {time.perf_counter() - start:.0f} s")
+    for split, counts in r.per_class.items():
+        print(f"  {split}: {min(counts)}-{max(counts)} images per class")
+    print(f"train: ran-bench train --config configs/{r.dataset}_attention92.yaml data.root={r.out}")
     return 0
