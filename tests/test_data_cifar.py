@@ -4,6 +4,7 @@ the paper's recipe and lands in its paper table row."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -19,7 +20,7 @@ from PIL import Image
 from ran_bench import report
 from ran_bench.cli import main as cli_main
 from ran_bench.config import load_config, to_yaml, validate
-from ran_bench.data import MEAN_255, STD_255, build_loader, list_samples
+from ran_bench.data import MEAN_255, STD_255, build_loader, dali_available, list_samples
 from ran_bench.data.cifar import convert_cifar
 from ran_bench.errors import InputError
 from ran_bench.train import build_results
@@ -155,7 +156,9 @@ def test_cifar100_uses_fine_labels_and_three_digit_folders(tmp_path):
             assert np.array_equal(np.asarray(im), _rgb_from_official_row(rows[int(Path(files[0]).stem)]))
 
 
-@pytest.mark.parametrize("backend", ["torchvision"])
+@pytest.mark.parametrize("backend", [
+    "torchvision",
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed"))])
 def test_loader_over_the_converted_tree_gives_the_official_val_labels_and_pixels(cifar10, backend):
     root, truth = cifar10
     files, _, _ = list_samples(root, "val")
@@ -198,7 +201,7 @@ def test_what_is_not_an_official_archive_is_a_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not an archive")
     with pytest.raises(InputError, match=r"notes\.txt: not a readable tar archive"):
         convert_cifar(tmp_path / "notes.txt", out)
-    other = _write_tar(tmp_path / "other.tar.gz", {"cifar-10-batches-py/data_batch_1": b"x", "README": b"hi"})
+    other = _write_tar(tmp_path / "other.tar.gz", {"mnist/train": b"x", "README": b"hi"})
     with pytest.raises(InputError, match=r"not a CIFAR python-version archive \(expected the members cifar10: "
                                          r"cifar-10-batches-py/data_batch_1, .*cifar-10-batches-py/batches\.meta"):
         convert_cifar(other, out)
@@ -208,6 +211,20 @@ def test_what_is_not_an_official_archive_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"truncated\.tar\.gz: "):
         convert_cifar(truncated, out)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_damaged_header_mid_archive_says_damaged_not_foreign(tmp_path):
+    # tarfile stops listing members at a damaged header without an error: the archive then looks
+    # like one holding only its first members.
+    archive, _ = make_cifar10(tmp_path / "c10.tar", per_batch=1, test=1)
+    with tarfile.open(archive) as tar:
+        offset = tar.getmember("cifar-10-batches-py/data_batch_3").offset
+    raw = bytearray(gzip.decompress(archive.read_bytes()))
+    raw[offset + 148:offset + 156] = b"garbage!"  # the header checksum field
+    (tmp_path / "damaged.tar").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"damaged\.tar: a cifar10 archive without cifar-10-batches-py/data_batch_3, "
+                                         r".*: damaged or incomplete; download cifar-10-python\.tar\.gz again"):
+        convert_cifar(tmp_path / "damaged.tar", tmp_path / "out")
 
 
 class _RunsCode:

@@ -25,6 +25,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,13 @@ def _detect(tar: tarfile.TarFile, archive_path: Path) -> CifarArchive:
     for archive in ARCHIVES:
         if set(archive.members) <= names:
             return archive
+    for archive in ARCHIVES:
+        # tarfile ends the member list silently at a damaged header, so a corrupt download reads as
+        # an archive with only its first members.
+        if any(n.startswith(f"{archive.folder}/") for n in names):
+            missing = [m for m in archive.members if m not in names]
+            raise InputError(f"{archive_path}: a {archive.name} archive without {', '.join(missing)}: damaged or "
+                             f"incomplete; download cifar-{archive.name[5:]}-python.tar.gz again from {CIFAR_URL}")
     expected = "; ".join(f"{a.name}: {', '.join(a.members)}" for a in ARCHIVES)
     raise InputError(f"{archive_path}: not a CIFAR python-version archive (expected the members {expected}). "
                      f"Download cifar-10-python.tar.gz or cifar-100-python.tar.gz from {CIFAR_URL}")
@@ -220,7 +228,7 @@ def convert_cifar(archive_path: str | os.PathLike, out: str | os.PathLike, *, wo
             classes = _class_folders(_unpickle(tar, archive_path, archive.member(archive.meta)), archive, meta_where)
             splits = {"train": _read_split(tar, archive_path, archive, archive.train),
                       "val": _read_split(tar, archive_path, archive, archive.test)}
-        except (tarfile.TarError, EOFError, OSError) as e:  # a truncated download fails while reading members
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # a truncated or corrupt download
             raise InputError(f"{archive_path}: the archive is damaged ({type(e).__name__}: {e}); download it again "
                              f"from {CIFAR_URL}") from None
 
