@@ -21,6 +21,7 @@ from ran_bench import report
 from ran_bench.cli import main as cli_main
 from ran_bench.config import load_config, to_yaml, validate
 from ran_bench.data import MEAN_255, STD_255, build_loader, dali_available, list_samples
+from ran_bench.data import cifar as cifar_module
 from ran_bench.data.cifar import convert_cifar
 from ran_bench.errors import InputError
 from ran_bench.train import build_results
@@ -192,6 +193,26 @@ def test_refuses_a_non_empty_out_and_accepts_an_empty_one(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="is a file; give a new or empty folder"):
         convert_cifar(archive, tmp_path / "file")
+    with pytest.raises(InputError, match=r"file/out: cannot create the output folder \(.*\); choose a writable place"):
+        convert_cifar(archive, tmp_path / "file" / "out")
+
+
+def test_an_interrupted_conversion_leaves_no_output_behind(tmp_path, monkeypatch):
+    archive, _ = make_cifar10(tmp_path / "cifar-10-python.tar.gz", per_batch=1, test=1)
+    written, write = [], cifar_module._write_pngs
+
+    def write_then_fail(task):
+        if written:
+            raise KeyboardInterrupt
+        written.append(write(task))
+        return written[-1]
+
+    monkeypatch.setattr(cifar_module, "CHUNK", 2)
+    monkeypatch.setattr(cifar_module, "_write_pngs", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        convert_cifar(archive, tmp_path / "out")
+    assert written == [2]  # the first chunk was written, then removed with the staging folder
+    assert sorted(os.listdir(tmp_path)) == ["cifar-10-python.tar.gz"]
 
 
 def test_what_is_not_an_official_archive_is_a_clear_error(tmp_path):

@@ -184,19 +184,6 @@ def _write_pngs(task: tuple[np.ndarray, list[str]]) -> int:
     return len(paths)
 
 
-class _Inline:
-    """A stand-in for a process pool when workers=1."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items):
-        return map(fn, items)
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; give a new or empty folder for the converted data set")
@@ -233,8 +220,12 @@ def convert_cifar(archive_path: str | os.PathLike, out: str | os.PathLike, *, wo
                              f"from {CIFAR_URL}") from None
 
     result = CifarConversion(archive.name, out, classes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"{out}: cannot create the output folder ({e}); choose a writable place") from None
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         tasks = []
         for split, (rows, labels) in splits.items():
@@ -246,15 +237,19 @@ def convert_cifar(archive_path: str | os.PathLike, out: str | os.PathLike, *, wo
             result.images[split] = len(rows)
             result.per_class[split] = np.bincount(labels, minlength=len(classes)).tolist()
         total = sum(result.images.values())
-        with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool, \
-                tqdm(total=total, desc=f"{archive.name} -> {out}", unit="img", disable=not progress) as bar:
-            for n in pool.map(_write_pngs, tasks):
+        with tqdm(total=total, desc=f"{archive.name} -> {out}", unit="img", disable=not progress) as bar:
+            for n in (pool.map if pool else map)(_write_pngs, tasks):
                 bar.update(n)
         _check_out(out)  # still new or empty: nothing else wrote there meanwhile
         if out.is_dir():
             out.rmdir()
         staging.rename(out)
     except BaseException:
+        if pool:  # stop writing before removing what was written (Ctrl-C, a full disk)
+            pool.shutdown(cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if pool:
+            pool.shutdown()
     return result
