@@ -16,7 +16,7 @@ from ran_bench.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("ran_bench.profile", "parameters and multiply-adds of every model, beside the paper's"),
-    "data": ("ran_bench.data.cli", "prepare, verify and generate ImageNet-layout datasets"),
+    "data": ("ran_bench.data.cli", "prepare, verify, generate and convert (CIFAR) datasets in the ImageNet layout"),
     "train": ("ran_bench.train", "train a model from a YAML config (single process, accelerate or torchrun)"),
     "eval": ("ran_bench.evaluate", "single-crop top-1/top-5 error of a run or checkpoint"),
     "report": ("ran_bench.report", "markdown report of runs beside the paper's tables"),
