@@ -220,3 +220,20 @@ def test_dali_resumed_at_the_end_of_an_epoch_builds_no_pipeline(clean, monkeypat
     monkeypatch.setattr(ld, "_iterator", lambda checkpoint: pytest.fail("built a pipeline"))
     assert list(ld) == []
     assert ld.state_dict()["batches"] == len(ld)
+
+
+def test_a_jpeg_whose_header_claims_a_huge_size_becomes_a_flat_image(clean, tmp_path):
+    # A damaged SOF0 header claiming 20000x20000 pixels makes PIL raise DecompressionBombError, a
+    # plain Exception rather than an OSError: it is still one bad image, not a reason to stop a run.
+    root = _copy(clean, tmp_path)
+    files, labels, _ = list_samples(root, "val")
+    data = bytearray(Path(files[1]).read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2  # height, width
+    Path(files[1]).write_bytes(bytes(data))
+    loader = build_loader(root, "val", size=24, batch_size=BATCH, backend="torchvision", num_threads=1)
+    x, y = zip(*_batches(loader))
+    x, y = torch.cat(x), torch.cat(y)
+    assert y.tolist() == labels
+    assert x[1].abs().max() < 0.05 and x[0].std() > 0.1
+    assert loader.bad_files == [files[1]]

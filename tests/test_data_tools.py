@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ran_bench.cli import main
 from ran_bench.data import list_samples
@@ -150,3 +152,14 @@ def test_prepare_val_reads_a_csv_with_a_byte_order_mark(tmp_path, capsys):
     assert csv.read_bytes().startswith(b"\xef\xbb\xbf")
     assert main(["data", "prepare-val", str(val), "--ground-truth", str(csv)]) == 0
     assert (val / "n01443537" / "ILSVRC2012_val_00000002.JPEG").is_file()
+
+
+def test_a_camera_mpo_jpeg_is_not_reported_as_odd(tmp_path):
+    # Cameras write MPO (a JPEG followed by more pictures); PIL names the format MPO, and DALI and
+    # PIL both decode its first picture, so verify must not tell users to convert it.
+    from ran_bench.data.tools import inspect_image
+
+    first = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    path = tmp_path / "camera.JPEG"
+    first.save(path, format="MPO", save_all=True, append_images=[Image.new("RGB", (50, 40))])
+    assert inspect_image(str(path)) == (str(path), [], "MPO RGB")

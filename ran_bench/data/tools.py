@@ -136,8 +136,9 @@ ODD_KINDS = {
 
 
 # PIL's names of the formats DALI's decoders.image reads (checked with DALI 2.4 on the CPU: GIF,
-# ICO and TGA fail; "PPM" is PIL's name for every PNM file).
-DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
+# ICO and TGA fail; "PPM" is PIL's name for every PNM file; "MPO" is a camera JPEG carrying extra
+# pictures, which DALI decodes as the JPEG it starts with).
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 
 
 def inspect_image(path: str) -> tuple[str, list[str], str]:
@@ -151,7 +152,7 @@ def inspect_image(path: str) -> tuple[str, list[str], str]:
         return path, ["undecodable"], f"{type(e).__name__}: {e}"
     if fmt not in DALI_FORMATS:
         kinds.append("dali_unsupported")
-    elif path.lower().endswith((".jpg", ".jpeg")) and fmt != "JPEG":
+    elif path.lower().endswith((".jpg", ".jpeg")) and fmt not in ("JPEG", "MPO"):
         kinds.append("wrong_format")
     if mode == "L":
         kinds.append("grayscale")

@@ -25,7 +25,7 @@ import logging
 from typing import Iterator
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
@@ -119,8 +119,10 @@ class ImageFiles(Dataset):
         try:
             with Image.open(io.BytesIO(data)) as im:
                 img = im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            # the bytes are in memory, so these come from PIL's decoders: a truncated or corrupt image
+        except Exception as e:  # noqa: BLE001
+            # The bytes are already in memory, so whatever PIL raises here is about the image, not
+            # the file system: truncated data, a corrupt header, or a header claiming a size past
+            # PIL's DecompressionBombError limit (a plain Exception, not an OSError).
             log.debug("cannot decode %s: %s", self.files[index], e)
             out = torch.tensor([round(m) for m in MEAN_255], dtype=torch.uint8).view(3, 1, 1)
             return out.expand(3, self.size, self.size).contiguous(), self.labels[index], index, False
