@@ -68,8 +68,9 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME:-ran-bench}-$SLURM_JOB_ID}
 # The overrides as a list: data.root is one word whatever its characters; the script's and the
 # user's are whitespace-separated words, split without glob expansion.
 overrides=("data.root=$DATA_ROOT")
-read -r -d '' -a _words <<< "${SCRIPT_OVERRIDES:-}"; overrides+=("${_words[@]}")
-read -r -d '' -a _words <<< "${OVERRIDES:-}"; overrides+=("${_words[@]}")
+# ${a[@]+"${a[@]}"}: an empty array is "unset" to `set -u` before bash 4.4 (RHEL/CentOS 7 has 4.2).
+read -r -d '' -a _words <<< "${SCRIPT_OVERRIDES:-}"; overrides+=(${_words[@]+"${_words[@]}"})
+read -r -d '' -a _words <<< "${OVERRIDES:-}"; overrides+=(${_words[@]+"${_words[@]}"})
 MAX_REQUEUES=${MAX_REQUEUES:-30}
 [[ "$MAX_REQUEUES" =~ ^[0-9]+$ ]] || _die "MAX_REQUEUES=$MAX_REQUEUES is not a whole number"
 NUM_NODES=${SLURM_JOB_NUM_NODES:-1}
@@ -87,7 +88,8 @@ export PYTHON CONFIG LAUNCH_CONFIG RUN_DIR GPUS_PER_NODE NODE_STATUS_DIR RAN_BEN
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}
 
-_log "start: $NUM_NODES node(s) ${SLURM_JOB_NODELIST:-?} x $GPUS_PER_NODE process(es); config $CONFIG; run dir $RUN_DIR; overrides: ${overrides[*]@Q}$([ "$SMOKE" = 1 ] && echo " (CPU smoke test)")"
+printf -v shown_overrides '%q ' "${overrides[@]}"  # printf %q, not the @Q expansion (bash 4.4+)
+_log "start: $NUM_NODES node(s) ${SLURM_JOB_NODELIST:-?} x $GPUS_PER_NODE process(es); config $CONFIG; run dir $RUN_DIR; overrides: ${shown_overrides% }$([ "$SMOKE" = 1 ] && echo " (CPU smoke test)")"
 if [ -d "$RUN_DIR/checkpoints" ] && [ -n "$(ls -A "$RUN_DIR/checkpoints" 2>/dev/null)" ]; then
   _log "resuming from $RUN_DIR/checkpoints (newest: $(ls "$RUN_DIR/checkpoints" | sort | tail -n 1))"
 fi
@@ -124,14 +126,18 @@ for ((_i = 0; _i < 10; _i++)); do
   _missing=0; for ((k = 0; k < NUM_NODES; k++)); do [ -s "$NODE_STATUS_DIR/node$k" ] || _missing=1; done
   [ "$_missing" = 0 ] && break; sleep 1
 done
-summary=() failed_node="" failed_rc="" stopped=0
+# A node that recorded a failure is the cause: when one node dies, the others' trainers can hang
+# in a collective until srun kills them before they record anything, so a node without a record
+# is only blamed when no node recorded a failure.
+summary=() failed_node="" failed_rc="" unrecorded="" stopped=0
 for ((k = 0; k < NUM_NODES; k++)); do
   node_rc="" node_name="?"
-  read -r node_rc node_name < "$NODE_STATUS_DIR/node$k" 2>/dev/null
+  { read -r node_rc node_name < "$NODE_STATUS_DIR/node$k"; } 2>/dev/null
   summary+=("node $k ($node_name): ${node_rc:-no exit status}")
   case "$node_rc" in
     0) ;;
     "$REQUEUE_EXIT_CODE") stopped=1 ;;
+    "") unrecorded+=" $k" ;;
     *) if [ -z "$failed_node" ]; then failed_node="$k ($node_name)"; failed_rc=$node_rc; fi ;;
   esac
 done
@@ -139,12 +145,11 @@ printf -v summary_text '%s; ' "${summary[@]}"
 [ "$NUM_NODES" -gt 1 ] && _log "the job step ended (srun exit $rc): ${summary_text%; }"
 
 if [ -n "$failed_node" ]; then
-  if [ -z "$failed_rc" ]; then  # killed before it could record anything (SIGKILL, node failure)
-    failed_rc=$rc; { [ "$failed_rc" = 0 ] || [ "$failed_rc" = "$REQUEUE_EXIT_CODE" ]; } && failed_rc=1
-    _log "failed: node $failed_node recorded no exit status (killed, or the node failed); see the messages above and $RUN_DIR/train.log"
-  else
-    _log "failed: node $failed_node exited with $failed_rc; see the messages above and $RUN_DIR/train.log"
-  fi
+  _log "failed: node $failed_node exited with $failed_rc; see the messages above and $RUN_DIR/train.log"
+  exit "$failed_rc"
+elif [ -n "$unrecorded" ]; then  # killed before recording anything (SIGKILL, node failure)
+  failed_rc=$rc; { [ "$failed_rc" = 0 ] || [ "$failed_rc" = "$REQUEUE_EXIT_CODE" ]; } && failed_rc=1
+  _log "failed: node(s)$unrecorded recorded no exit status (killed, or the node failed); srun exited with $rc; see the messages above and $RUN_DIR/train.log"
   exit "$failed_rc"
 elif [ "$stopped" = 0 ]; then
   _log "finished: $RUN_DIR/results.json"

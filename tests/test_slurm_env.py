@@ -4,6 +4,7 @@ sbatch scripts' overrides, requeue decision and repository lookup with stand-ins
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -206,7 +207,10 @@ def test_script_passes_overrides_as_words_and_one_launcher_per_node(fake_job):
     # status is the 75 of node 1, and this must not requeue.
     (("2", "75"), 2, "failed: node 0 (n1) exited with 2"),
     # Node 1's launcher was killed before it could record its status.
-    (("75", "kill"), 137, "failed: node 1 (?) recorded no exit status"),
+    (("75", "kill"), 137, "failed: node(s) 1 recorded no exit status"),
+    # Node 1 failed with 3; node 0's trainers hung in a collective and were killed before recording
+    # anything (srun's own status is then 137): node 1's failure is the cause, not node 0.
+    (("kill", "3"), 3, "failed: node 1 (n2) exited with 3"),
 ])
 def test_script_requeues_only_when_every_node_stopped_at_a_checkpoint(fake_job, node_outcomes, expected_rc,
                                                                         message):
@@ -214,6 +218,7 @@ def test_script_requeues_only_when_every_node_stopped_at_a_checkpoint(fake_job, 
     assert rc == expected_rc, log
     assert message in log, log
     assert ("requeue 77" in calls) == (expected_rc == 0), calls
+    assert "No such file" not in log, log  # a node without a record is reported, not a bash error
 
 
 def test_script_stops_requeueing_after_max_requeues(fake_job):
@@ -236,3 +241,32 @@ def test_script_finds_the_repository_when_submitted_from_elsewhere(fake_job, tmp
     assert rc == 2, log
     assert "submit from the repository root" in log and "RAN_BENCH_REPO" in log
     assert "No such file" not in log
+
+
+# Features newer than bash 4.2 (RHEL/CentOS 7 clusters), with the form to use instead. The
+# scripts run there under `set -u`, where bash < 4.4 treats an empty array as unset.
+BASH_44_FEATURES = {
+    r"\$\{[^}]*@[QEPAa]\}": "${x@Q} and other @ transformations (4.4): printf %q",
+    r"\bmapfile\s+(-\w+\s+)*-d\b|\breadarray\s+(-\w+\s+)*-d\b": "mapfile -d (4.4)",
+    r"\bwait\s+-n\b": "wait -n (4.3)",
+    r"\b(local|declare|typeset)\s+(-\w+\s+)*-\w*n\w*\s": "namerefs, local -n (4.3)",
+    r"\+=\(\"\$\{\w+\[@\]\}\"\)": 'a+=("${b[@]}") aborts on an empty b under set -u before 4.4: '
+                                   'a+=(${b[@]+"${b[@]}"})',
+}
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "slurm").glob("*.sh")), ids=lambda p: p.name)
+def test_scripts_run_on_bash_4_2(script):
+    text = script.read_text()
+    found = [f"{script.name}:{text.count(chr(10), 0, m.start()) + 1}: {why}"
+             for pattern, why in BASH_44_FEATURES.items() for m in re.finditer(pattern, text)]
+    assert not found, found
+
+
+def test_script_runs_with_no_overrides(fake_job):
+    # SCRIPT_OVERRIDES unset and OVERRIDES empty: the empty word lists add nothing.
+    rc, log, _ = fake_job(OVERRIDES="")
+    assert rc == 0, log
+    args = (fake_job.fake / "launch_args_0").read_text().splitlines()
+    assert args[args.index("--run-dir") + 2:] == ["data.root=/data/image net"]
+    assert "overrides: data.root=/data/image\\ net\n" in log, log  # printf %q's quoting, one line
