@@ -185,6 +185,17 @@ def _ignore_submitit_signal() -> None:
     signal.signal(_submitit_signal(), signal.SIG_IGN)
 
 
+# `--slurm` keys (submitit's or sbatch's, - or _) that set what submit's own flags set: taking them
+# would silently replace the flag's value and bypass the world-size check against the config.
+OWN_FLAGS = {
+    "nodes": "--nodes", "ntasks_per_node": "--tasks-per-node (or --gpus-per-node)",
+    "tasks_per_node": "--tasks-per-node (or --gpus-per-node)", "ntasks": "--nodes and --tasks-per-node",
+    "gpus_per_node": "--gpus-per-node", "gpus_per_task": "--gpus-per-node", "num_gpus": "--gpus-per-node",
+    "gpus": "--gpus-per-node", "gres": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
+    "time": "--time", "timeout_min": "--time", "partition": "--partition", "job_name": "--name", "name": "--name",
+}
+
+
 def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """`--slurm KEY=VALUE` items -> (submitit's slurm_* parameters, other sbatch options).
 
@@ -192,7 +203,7 @@ def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     `#SBATCH --exclusive`, false leaves it out), whole numbers for counts, and a list for the
     list parameters, one item per repetition (`--slurm setup="module load cuda"`; srun_args is
     split like a shell line). A key submitit does not know is written as `#SBATCH --KEY=VALUE`,
-    next to the job's own --requeue."""
+    next to the job's own --requeue. Keys that submit's own flags set (OWN_FLAGS) are refused."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     signature = inspect.signature(_make_sbatch_string).parameters
@@ -204,6 +215,10 @@ def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         key = key.strip()
         if not sep or not key:
             raise InputError(f"--slurm {item!r} is not KEY=VALUE (e.g. --slurm account=myproject)")
+        own = key.replace("-", "_")
+        if own in OWN_FLAGS and (own != "gres" or "gpu" in text.lower()):  # other generic resources are fine
+            raise InputError(f"--slurm {item!r}: use submit's {OWN_FLAGS[own]} instead (it sets the same sbatch "
+                             "option, and the config is checked against the resulting world size)")
         if key == "additional_parameters":
             raise InputError(f"--slurm {item!r}: give each sbatch option as its own --slurm KEY=VALUE (e.g. "
                              "--slurm reservation=mine); options submitit does not know become #SBATCH lines")
@@ -218,7 +233,7 @@ def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             value = int(text)
         if key not in known:
             sbatch_options[key] = value  # False (e.g. requeue=false) is dropped by plan()
-        elif value is False:  # a flag turned off: no #SBATCH line at all
+        elif value is False and signature[key].default is not True:  # a flag turned off: no #SBATCH line
             params.pop(f"slurm_{key}", None)
         else:
             params[f"slurm_{key}"] = value

@@ -67,6 +67,16 @@ def test_dry_run_cpu_smoke_layout(no_sbatch, tmp_path, capsys):
     (["--config", "configs/demo.yaml", "--time", "soon"], "--time 'soon'"),
     (["--config", "configs/demo.yaml", "--slurm", "additional_parameters={'mail_type': 'END'}"],
      "give each sbatch option as its own --slurm KEY=VALUE"),
+    # What submit's own flags set: a --slurm value would replace it unseen by the world-size check.
+    (["--config", "configs/demo.yaml", "--slurm", "nodes=4"], "--slurm 'nodes=4': use submit's --nodes instead"),
+    (["--config", "configs/demo.yaml", "--slurm", "ntasks-per-node=2"], "use submit's --tasks-per-node"),
+    (["--config", "configs/demo.yaml", "--slurm", "ntasks=16"], "use submit's --nodes and --tasks-per-node"),
+    (["--config", "configs/demo.yaml", "--slurm", "gres=gpu:4"], "use submit's --gpus-per-node"),
+    (["--config", "configs/demo.yaml", "--slurm", "gpus_per_node=4"], "use submit's --gpus-per-node"),
+    (["--config", "configs/demo.yaml", "--slurm", "cpus_per_task=4"], "use submit's --cpus-per-task"),
+    (["--config", "configs/demo.yaml", "--slurm", "time=10"], "use submit's --time"),
+    (["--config", "configs/demo.yaml", "--slurm", "partition=gpu"], "use submit's --partition"),
+    (["--config", "configs/demo.yaml", "--slurm", "job_name=x"], "use submit's --name"),
 ])
 def test_bad_arguments_fail_before_submitting(no_sbatch, capsys, args, message):
     assert cli(["submit", *args, "--dry-run"]) == 2
@@ -109,6 +119,17 @@ def test_slurm_flag_set_to_false_writes_no_line(no_sbatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "slurm_exclusive" not in out and "slurm_additional_parameters = {}" in out
+
+
+def test_slurm_flag_whose_default_is_true_set_to_false_is_kept(no_sbatch, tmp_path, capsys):
+    """submitit's use_srun defaults to True: dropping a false would turn it back on."""
+    rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
+              "--run-dir", str(tmp_path / "run"), "--dry-run", "--slurm", "use_srun=false",
+              "--slurm", "gres=nvme:1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "slurm_use_srun = False" in out, out
+    assert "slurm_gres = 'nvme:1'" in out, out  # a generic resource that is not a GPU is the user's
 
 
 def test_refused_submission_is_an_error_and_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
