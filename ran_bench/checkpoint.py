@@ -12,6 +12,7 @@ an unreadable one found on resume is renamed aside (`load_latest`).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -34,6 +35,12 @@ log = logging.getLogger("ran_bench.checkpoint")
 
 class CheckpointError(RuntimeError, UserError):
     """A checkpoint file that is truncated, corrupt, or not a ran-bench checkpoint."""
+
+
+class CheckpointUnavailable(CheckpointError):
+    """A checkpoint that may well be good but cannot be used now: the storage failed to read it,
+    or another ran-bench version wrote it. Never set aside or skipped: resuming from an older
+    checkpoint instead would silently throw away the steps since then."""
 
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -68,10 +75,19 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint (tensors to CPU) with `weights_only=True`; CheckpointError names the file."""
     path = Path(path)
+    # Read the bytes first: an error here is the file system's (EIO, ESTALE, EACCES), while every
+    # error of torch.load on bytes in memory is the file's own (torch.load on a truncated file
+    # raises OSError too, so the two cannot be told apart otherwise).
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointUnavailable(
+            f"{path}: cannot be read ({type(e).__name__}: {e}); this is a storage error, not a corrupt "
+            "checkpoint, so it is left as it is: run again when the file system reads it") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncation and corruption surface as many exception types
         if "Weights only load failed" in str(e):
             raise CheckpointError(f"{path}: holds pickled Python objects, which ran-bench never loads "
@@ -84,7 +100,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a ran-bench checkpoint (a torch file without "
                               f"format={FORMAT!r}); ran-bench only resumes from its own checkpoints")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {state.get('version')!r}, this "
+        raise CheckpointUnavailable(f"{path}: checkpoint format version {state.get('version')!r}, this "
                               f"ran-bench reads version {VERSION}; resume it with the ran-bench version that wrote "
                               f"it, or start the run again in a new run directory")
     return state
@@ -98,12 +114,16 @@ def load_latest(ckpt_dir: str | os.PathLike, warn: Callable[[str], None] = log.w
     and the previous one is used: renamed, it no longer counts as the newest checkpoint nor takes
     one of the `keep_last` slots, so pruning cannot delete the good checkpoints written after it
     and keep it. If every file is unreadable, CheckpointError lists them and nothing is renamed
-    (restarting from scratch silently would throw away the run)."""
+    (restarting from scratch silently would throw away the run). A file that cannot be read for
+    another reason (CheckpointUnavailable: an I/O error, another format version) stops the search:
+    its error is raised and nothing is renamed."""
     paths = list_checkpoints(ckpt_dir)
     errors: list[tuple[Path, str]] = []
     for path in reversed(paths):
         try:
             state = load_checkpoint(path)
+        except CheckpointUnavailable:
+            raise
         except CheckpointError as e:
             errors.append((path, str(e)))
             continue

@@ -55,7 +55,8 @@ THROUGHPUT_DEFINITIONS = {
              "evaluations, checkpoints, start-up and steps redone after a kill are not counted.",
     "per_device": "train images/s per device: the same divided by the world size (of the last segment).",
     "infer": "inference images/s: validation images per second of the trainer's final evaluation at the "
-             "run's first test size, the evaluation pass only, all training processes together; "
+             "run's first test size, the evaluation pass only (which includes building a DALI pipeline or "
+             "starting torchvision's workers), all training processes together; "
              "a dash when `ran-bench eval` wrote the record.",
     "gpu_hours": "Wall time: launch to last checkpoint, summed over segments. GPU-hours: on CUDA, each "
                  "segment's processes (one GPU each) x its wall time, summed over segments; 0 on CPU.",

@@ -8,8 +8,8 @@ then step until the schedule (or `schedule.max_steps`) ends, logging, evaluating
 checkpointing on the way.
 
 Preemption: SIGTERM or SIGUSR1 (what SLURM sends before a time limit or a preemption) sets a
-flag; the ranks sum their flags after every optimizer step (an all-reduce, read one step later so
-that it never stalls the GPU), so all of them stop after the same step, at most one step after the
+flag; the ranks sum their flags after every optimizer step (an all-reduce, copied to the host
+without blocking and read one step later, so that it never stalls the GPU), so all of them stop after the same step, at most one step after the
 signal; then they write a checkpoint and exit with REQUEUE_EXIT_CODE. Starting the same command
 again resumes.
 """
@@ -257,7 +257,9 @@ def main(args: argparse.Namespace) -> int:
         sync_buffers(raw_model)  # BatchNorm statistics of rank 0 everywhere, as in the checkpoint
         out = []
         for size in sizes:
-            loader = val_loader(size)  # built once per size; not part of the timed evaluation pass
+            # Built once per size and outside the timer; a DALI pipeline is still built when a pass
+            # begins, so the timed pass includes that (and torchvision's worker start-up).
+            loader = val_loader(size)
             t0 = time.perf_counter()
             result = evaluate(accelerator, raw_model, loader, num_classes)
             result.update(size=size, step=step, seconds=time.perf_counter() - t0)
@@ -288,9 +290,15 @@ def main(args: argparse.Namespace) -> int:
     start_step, trained, t_mark = step, 0.0, time.perf_counter()
     t_window, images_window, data_wait = time.perf_counter(), 0, 0.0
     # Each rank's vote to stop, preallocated on the device: filling it queues a kernel, while
-    # torch.tensor(value, device=...) would copy from the host and synchronise every step.
+    # torch.tensor(value, device=...) would copy from the host and synchronise every step. The sum
+    # over ranks is copied to pinned host memory without blocking and read one step later, after
+    # waiting on an event recorded behind that copy: the CPU never waits for the step it has just
+    # queued (votes.item() would, as it waits for everything queued on the stream).
+    on_cuda = device.type == "cuda"
     vote = torch.zeros((), device=device)
-    signalled, votes = False, None
+    votes_host = torch.zeros((), pin_memory=on_cuda)
+    votes_ready = torch.cuda.Event() if on_cuda else None
+    signalled = False
     while step < stop_step and not signalled:
         train_loader.set_epoch(epoch)
         batches = iter(train_loader)
@@ -332,14 +340,19 @@ def main(args: argparse.Namespace) -> int:
                 window["micro_batches"] = 0
                 t_window, images_window, data_wait = now, 0, 0.0
 
-            # Stop when any rank was signalled before the previous step ended. Votes are summed over
-            # ranks and read one step later, so reading them never waits for the step just queued.
-            signalled = votes is not None and votes.item() > 0
+            # Stop when any rank was signalled before the previous step ended (see `vote` above).
+            if votes_ready is not None:
+                votes_ready.synchronize()  # the previous step's copy, not the step just queued
+            signalled = votes_host.item() > 0
             vote.fill_(float(stop_request.signum is not None))
-            votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote  # read before the next fill_
+            votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote
+            votes_host.copy_(votes, non_blocking=on_cuda)
+            if votes_ready is not None:
+                votes_ready.record()
             finished = step >= stop_step
             eval_due = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and not finished
             if eval_due and not signalled:  # when signalled, the resumed run evaluates first
+                _synchronize(device)  # the steps queued so far count as training time
                 t0 = time.perf_counter()
                 trained += t0 - t_mark
                 run_evaluation(cfg.data.test_sizes)
@@ -347,6 +360,7 @@ def main(args: argparse.Namespace) -> int:
                 t_mark = time.perf_counter()
                 t_window += t_mark - t0  # evaluation time is not training throughput
             if step % cfg.checkpoint.every_steps == 0 or finished or signalled:
+                _synchronize(device)
                 t0 = time.perf_counter()
                 trained += t0 - t_mark
                 checkpoint(eval_due=eval_due and signalled)
@@ -408,6 +422,12 @@ def build_results(cfg: Config, *, num_classes: int, params: int, macs: int, macs
         git_commit=git_commit(), label_noise=cfg.data.label_noise, train_images_per_s=train_images_per_s,
         infer_images_per_s=infer_images_per_s, skipped_images=skipped_images, ran_bench_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device` (a no-op on CPU), so a clock read after it counts them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _evaluation(result: dict, device: torch.device, precision: str):

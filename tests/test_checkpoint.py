@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ran_bench.checkpoint import (FORMAT, VERSION, CheckpointError, list_checkpoints, load_checkpoint, load_latest,
+from ran_bench.checkpoint import (FORMAT, VERSION, CheckpointError, CheckpointUnavailable, list_checkpoints, load_checkpoint, load_latest,
                                   rng_state, save_checkpoint, set_rng_state)
 
 
@@ -95,3 +97,27 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     again = (torch.rand(3), np.random.rand(3), np.random.randn(), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
     assert expected[2:] == again[2:]
+
+
+@pytest.mark.parametrize("problem", ["io_error", "other_version"])
+def test_a_checkpoint_that_cannot_be_used_now_is_never_set_aside(tmp_path, monkeypatch, problem):
+    # A good newest checkpoint on a flaky file system (EIO during a requeue), or one written by
+    # another ran-bench version, must stop the resume: falling back would silently rewind the run.
+    save_checkpoint(tmp_path, 1, _state(1), keep_last=3)
+    newest = save_checkpoint(tmp_path, 2, _state(2), keep_last=3)
+    if problem == "io_error":
+        real_read = Path.read_bytes
+
+        def flaky_read(self):
+            if self == newest:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_read(self)
+
+        monkeypatch.setattr(Path, "read_bytes", flaky_read)
+        words = "storage error, not a corrupt checkpoint"
+    else:
+        torch.save({"format": FORMAT, "version": VERSION + 1, **_state(2)}, newest)
+        words = f"checkpoint format version {VERSION + 1}"
+    with pytest.raises(CheckpointUnavailable, match=words):
+        load_latest(tmp_path, warn=pytest.fail)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_00000001.pt", "step_00000002.pt"]
