@@ -32,7 +32,12 @@ SMOKE_PROCS_PER_NODE=${SMOKE_PROCS_PER_NODE:-1}
 # was submitted (sbatch runs a copy of it from its spool folder, so $0 does not say).
 REPO=${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [ ! -f "$REPO/slurm/common.sh" ] && [ -z "${RAN_BENCH_REPO:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-  REPO=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\(/.*\)/slurm/[^/]*$|\1|p')
+  # SLURM's record names the script as it was given to sbatch: relative to the submission folder
+  # for `sbatch ../ran-bench/slurm/x.sh` or `cd slurm; sbatch x.sh`.
+  _command=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=||p' | head -n 1)
+  case "$_command" in /*) ;; ?*) _command=${SLURM_SUBMIT_DIR:-$PWD}/$_command ;; esac
+  REPO=$(printf '%s\n' "$_command" | sed -n 's|^\(/.*\)/slurm/[^/]*$|\1|p')
+  [ -n "$REPO" ] && REPO=$(CDPATH= cd "$REPO" 2>/dev/null && pwd)
 fi
 if [ ! -f "$REPO/slurm/common.sh" ]; then
   echo "error: cannot find the ran-bench repository (no slurm/common.sh in '${RAN_BENCH_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}'):" \

@@ -236,6 +236,13 @@ def test_script_finds_the_repository_when_submitted_from_elsewhere(fake_job, tmp
     rc, log, _ = fake_job(cwd=elsewhere, SLURM_SUBMIT_DIR=str(elsewhere),
                           FAKE_COMMAND=str(fake_job.repo / "slurm" / "ran92_8gpu.sh"))
     assert rc == 0 and "finished" in log, log
+    # A relative path, as given to sbatch, is relative to the submission folder:
+    # `sbatch ../repo/slurm/ran92_8gpu.sh` from elsewhere, and `cd slurm; sbatch ran92_8gpu.sh`.
+    for submit_dir, command in ((elsewhere, "../repo/slurm/ran92_8gpu.sh"),
+                                (fake_job.repo / "slurm", "ran92_8gpu.sh")):
+        rc, log, _ = fake_job(cwd=submit_dir, SLURM_SUBMIT_DIR=str(submit_dir), FAKE_COMMAND=command,
+                              RUN_DIR=str(tmp_path / "run" / command.replace("/", "_")))
+        assert rc == 0 and "finished" in log, (command, log)
     # Neither the submission folder nor SLURM's record lead to it: say what to do.
     rc, log, _ = fake_job(cwd=elsewhere, SLURM_SUBMIT_DIR=str(elsewhere))
     assert rc == 2, log
@@ -270,3 +277,13 @@ def test_script_runs_with_no_overrides(fake_job):
     args = (fake_job.fake / "launch_args_0").read_text().splitlines()
     assert args[args.index("--run-dir") + 2:] == ["data.root=/data/image net"]
     assert "overrides: data.root=/data/image\\ net\n" in log, log  # printf %q's quoting, one line
+
+
+def test_every_sbatch_script_finds_the_repository_the_same_way():
+    # The tests above run ran92_8gpu.sh; the other scripts carry the same lookup (sbatch runs a copy
+    # of the script, so it cannot be sourced from a shared file before the repository is found).
+    def lookup(name):
+        text = (REPO / "slurm" / name).read_text()
+        return text[text.index("REPO=${RAN_BENCH_REPO"):text.index('source "$REPO/slurm/common.sh"')]
+
+    assert lookup("ran56_8gpu.sh") == lookup("ran92_8gpu.sh") == lookup("ran92_4x8gpu.sh")
