@@ -237,3 +237,18 @@ def test_a_jpeg_whose_header_claims_a_huge_size_becomes_a_flat_image(clean, tmp_
     assert y.tolist() == labels
     assert x[1].abs().max() < 0.05 and x[0].std() > 0.1
     assert loader.bad_files == [files[1]]
+
+
+@needs_dali
+def test_dali_counts_the_bad_share_per_batch_not_per_search_window(tmp_path):
+    # DALI's search covers several prefetched batches at once; 2 bad images in one batch of 4 and 1
+    # in the next are two half-good batches (torchvision carries on there too), not a broken set.
+    root = tmp_path / "d"
+    make_demo(root, seed=2, num_classes=2, train_per_class=1, val_per_class=4, min_side=24, max_side=40)
+    files, labels, _ = list_samples(root, "val")
+    for i in (0, 1, 4):
+        _truncate(files[i])
+    loader = build_loader(root, "val", size=24, batch_size=BATCH, backend="dali", num_threads=1)
+    x, y = zip(*_batches(loader))
+    assert torch.cat(y).tolist() == labels
+    assert sorted(loader.bad_files) == sorted(files[i] for i in (0, 1, 4))

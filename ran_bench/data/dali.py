@@ -283,7 +283,8 @@ class DaliLoader(LoaderBase):
         lo = self._shard_start() + pos * self.batch_size
         hi = lo + (PREFETCH + 2) * self.batch_size
         shard_end = self._shard_start() + self.num_samples
-        candidates = sorted(set(files[lo:min(hi, shard_end)]) - {self._placeholder})
+        window = files[lo:min(hi, shard_end)]  # whole batches from `pos` on
+        candidates = sorted(set(window) - {self._placeholder})
         lines = [ln.strip() for ln in str(error).splitlines() if "failure" in ln or "Error in" in ln]
         log.warning("DALI pipeline failed (%s); looking for undecodable files among %d candidates",
                     " ".join(lines)[:300] or type(error).__name__, len(candidates))
@@ -297,7 +298,9 @@ class DaliLoader(LoaderBase):
                     f.read()
             except OSError as read_error:
                 raise error from read_error
-        check_bad_share(bad, self.batch_size)
+        bad_set = set(bad)
+        for start in range(0, len(window), self.batch_size):  # the share is per batch, as in torchvision
+            check_bad_share([f for f in window[start:start + self.batch_size] if f in bad_set], self.batch_size)
         self._replace(bad)
         for path in bad:
             self._note_bad(path, "DALI could not decode it")
