@@ -220,13 +220,16 @@ def test_multinode_job_that_fails_is_not_requeued(demo):
     assert restarts and restarts[0].startswith("FAILED|"), restarts
 
 
-def test_script_submitted_from_another_folder_finds_the_repository(demo, tmp_path):
-    """sbatch /path/to/ran-bench/slurm/ran92_8gpu.sh from elsewhere: the repository comes from SLURM's
-    record of the job. Without GPUs and SMOKE the job then stops at common.sh's own check."""
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_script_submitted_from_another_folder_finds_the_repository(demo, tmp_path, relative):
+    """sbatch /path/to/ran-bench/slurm/ran92_8gpu.sh (or ../../path/to/...) from elsewhere: the repository
+    comes from SLURM's record of the job, whose Command= keeps a relative path relative. Without GPUs
+    and SMOKE the job then stops at common.sh's own check."""
     env = {k: v for k, v in _job_env(demo / "data", tmp_path / "run").items() if k not in ("SMOKE", "RAN_BENCH_REPO")}
+    script = REPO / "slurm" / "ran92_8gpu.sh"
     proc = subprocess.run(["sbatch", "--gres=none", f"--output={tmp_path}/%x-%j.out", "--wait",
-                           str(REPO / "slurm" / "ran92_8gpu.sh")], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=JOB_TIMEOUT_S)
+                           os.path.relpath(script, tmp_path) if relative else str(script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
     log = _log(tmp_path, job_id)
     assert proc.returncode == 2, log
