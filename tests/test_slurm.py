@@ -143,18 +143,24 @@ def test_sbatch_single_node_smoke(reference):
     assert _train_steps(reference) == list(range(1, STEPS + 1))
 
 
-def test_requeued_job_resumes_with_the_same_weights(demo, reference):
-    run_dir = demo / "runs" / "requeued"
+def _interrupted_job(demo: Path, run_dir: Path, interrupt: list[str]) -> tuple[subprocess.Popen, str, str, str]:
+    """Run the single-node script, send `interrupt` + [job id] after its first checkpoint, wait for
+    the job to end; (process, job id, sbatch output, job log)."""
     proc, job_id = _sbatch("slurm/ran92_8gpu.sh", _job_env(demo / "data", run_dir), demo, wait=False)
     try:
         _wait_for(run_dir / "checkpoints" / "step_00000002.pt", "the first checkpoint")
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        subprocess.run([*interrupt, job_id], check=True, timeout=30)
         out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
     finally:
         if proc.poll() is None:
             subprocess.run(["scancel", job_id], timeout=30)
             proc.kill()
-    log = _log(demo, job_id)
+    return proc, job_id, out, _log(demo, job_id)
+
+
+def test_requeued_job_resumes_with_the_same_weights(demo, reference):
+    run_dir = demo / "runs" / "requeued"
+    proc, job_id, out, log = _interrupted_job(demo, run_dir, ["scontrol", "requeue"])
     assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
     assert f"job {job_id} attempt 2] start" in log, log[-3000:]
     resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", (run_dir / "train.log").read_text())
@@ -168,16 +174,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_with_the_same_weight
     """The pre-timeout path: --signal=B:USR1 reaches the batch shell only (here by scancel --batch), which
     forwards it to the step; the trainers checkpoint and exit 75 and the script requeues the job."""
     run_dir = demo / "runs" / "time-limit"
-    proc, job_id = _sbatch("slurm/ran92_8gpu.sh", _job_env(demo / "data", run_dir), demo, wait=False)
-    try:
-        _wait_for(run_dir / "checkpoints" / "step_00000002.pt", "the first checkpoint")
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, timeout=30)
-        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            subprocess.run(["scancel", job_id], timeout=30)
-            proc.kill()
-    log = _log(demo, job_id)
+    proc, job_id, out, log = _interrupted_job(demo, run_dir, ["scancel", "--batch", "--signal=USR1"])
     assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
     for line in ["received SIGUSR1 (time limit near)", "exit 75 on every node): requeueing job", f"job {job_id} attempt 2] start",
                  f"job {job_id} attempt 2] finished"]:
