@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ran_bench.errors import UserError
+from ran_bench.preemption import stop_request
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().parse_args(argv)
         return 2
     name, rest = argv[0], argv[1:]
+    if name == "train":
+        stop_request()  # before the seconds of importing torch: a scheduler's SIGTERM then is not lost
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"ran-bench {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)

@@ -45,10 +45,11 @@ fi
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   CONFIG=configs/demo.yaml
-  # A few small steps (the model of the demo config), checkpoints on the way, in-process loading.
+  # A few small steps (the model of the demo config), checkpoints on the way, one loader worker
+  # process per trainer (users run with workers, and SLURM signals them too).
   SCRIPT_OVERRIDES="optim.global_batch_size=16 optim.per_device_batch_size=8 schedule.reference_batch_size=16
     schedule.total_steps=8 schedule.warmup_steps=0 checkpoint.every_steps=2 log.every_steps=1 eval.batch_size=25
-    data.num_threads=0"
+    data.num_threads=1"
   DATA_ROOT=${DATA_ROOT:-$REPO/data/demo}
   GPUS_PER_NODE=${SMOKE_PROCS_PER_NODE:-2}
   export CUDA_VISIBLE_DEVICES=""  # CPU, gloo, even on a GPU node

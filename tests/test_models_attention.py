@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import ran_bench  # noqa: F401  (registers the zoo with timm)
+import ran_bench.models  # noqa: F401  (registers the zoo with timm)
 from ran_bench.models import create_model, list_models, model_info
 from ran_bench.models.preact_resnet import PreActBottleneck
 from ran_bench.models.residual_attention import AttentionModule, MaskBranch, ResidualAttentionNet

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-import ran_bench  # noqa: F401  (registers the zoo with timm)
+import ran_bench.models  # noqa: F401  (registers the zoo with timm)
 from ran_bench.models import create_model, model_info
 from ran_bench.models.inception_resnet import InceptionResNetA, InceptionResNetB, InceptionResNetC
 from ran_bench.profile import count_params

@@ -1,8 +1,8 @@
 """The cluster launchers on a real SLURM cluster (CI starts one with slurm/ci/start-slurm.sh, NODES=2).
 
 Smoke jobs of the real scripts and of `ran-bench submit`: the demo config on a tiny demo data set,
-2 CPU processes (gloo), 8 optimizer steps with a checkpoint every 2 (the SMOKE=1 settings of
-slurm/common.sh; the submit jobs get the same overrides). Facts checked:
+2 CPU processes (gloo), one loader worker process each, 8 optimizer steps with a checkpoint every 2
+(the SMOKE=1 settings of slurm/common.sh; the submit jobs get the same overrides). Facts checked:
 - `sbatch --wait slurm/ran92_8gpu.sh` exits 0 and leaves a complete results.json of world size 2;
 - a job requeued mid-run (`scontrol requeue`) comes back, resumes from its checkpoint and ends with
   bitwise the weights of the uninterrupted job;
@@ -11,6 +11,8 @@ slurm/common.sh; the submit jobs get the same overrides). Facts checked:
 - the multi-node script on 2 nodes (1 process per node) trains with world size 2, one launcher on
   SLURM node 0 and one on node 1, also when the job was submitted with several tasks per node;
 - a 2-node job whose trainers fail (a bad data.root) ends failed, without requeueing itself;
+- a 2-node job requeued mid-run (`scontrol requeue`: SIGTERM to every process, loader workers
+  included) writes one checkpoint on the signal, resumes from it and ends with the same weights;
 - a script submitted by its path from another folder finds the repository;
 - `ran-bench submit` with a partition the cluster does not have is a one-line error;
 - `ran-bench submit` runs 2 tasks as 2 ranks to the end; interrupted through submitit's preemption
@@ -34,7 +36,7 @@ from conftest import REPO
 
 SMOKE_OVERRIDES = ["optim.global_batch_size=16", "optim.per_device_batch_size=8", "schedule.reference_batch_size=16",
                    "schedule.total_steps=8", "schedule.warmup_steps=0", "checkpoint.every_steps=2",
-                   "log.every_steps=1", "eval.batch_size=25", "data.num_threads=0"]
+                   "log.every_steps=1", "eval.batch_size=25", "data.num_threads=1"]
 STEPS = 8
 JOB_TIMEOUT_S = 600
 
@@ -215,6 +217,53 @@ def test_multinode_job_that_fails_is_not_requeued(demo):
     restarts = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State,ExitCode", "-P"], capture_output=True,
                               text=True, timeout=30).stdout.split()
     assert restarts and restarts[0].startswith("FAILED|"), restarts
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    """Block until the run has logged a training line at `step` or later."""
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        # the last line may be half-written
+        if any(line.endswith("}") and json.loads(line)["step"] >= step for line in lines):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the job ended or timed out before step {step}")
+        time.sleep(0.1)
+
+
+def test_multinode_job_requeued_mid_run_checkpoints_once_and_resumes_with_the_same_weights(demo, reference):
+    """`scontrol requeue` of a running 2-node job: SLURM sends SIGTERM to every process of the job
+    (batch shell, launchers, trainers and their loader workers), then requeues it. Periodic
+    checkpoints are out of reach (every 100 steps), so the checkpoint the trainers write on the
+    signal is the only one; the requeued job resumes from it and ends with the weights of the
+    uninterrupted single-node job of the same world size."""
+    if _num_idle_capable_nodes() < 2:
+        pytest.skip("the cluster has one node; start it with NODES=2")
+    run_dir = demo / "runs" / "two-nodes-requeued"
+    env = _job_env(demo / "data", run_dir, overrides="checkpoint.every_steps=100")
+    proc, job_id = _sbatch("slurm/ran92_4x8gpu.sh", env, demo, "--nodes=2", wait=False)
+    try:
+        _wait_for_step(run_dir, 2, proc)
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            subprocess.run(["scancel", job_id], timeout=30)
+            proc.kill()
+    log = _log(demo, job_id)
+    assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
+    assert f"job {job_id} attempt 2] start" in log, log[-3000:]
+    assert "is killed by signal" not in log, log[-5000:]  # no loader worker died of the SIGTERM
+    train_log = (run_dir / "train.log").read_text()
+    stopped = re.findall(r"stopped by signal (?:SIGTERM|\(on another rank\)) after step (\d+); checkpoint written",
+                         train_log)
+    resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", train_log)
+    assert len(stopped) == 1 and [int(s) for s in resumed] == [int(stopped[0])], train_log[-3000:]
+    assert 2 <= int(stopped[0]) < STEPS, train_log[-3000:]
+    assert _results(run_dir)["world_size"] == 2
+    assert _train_steps(run_dir) == list(range(1, STEPS + 1))
+    _assert_same_weights(run_dir, reference)
 
 
 @pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
