@@ -23,8 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ran_bench.errors import UserError
-from ran_bench.fileio import atomic_write
+from ran_bench.errors import StorageError, UserError
+from ran_bench.fileio import atomic_write, storage_errors
 
 FORMAT = "ran-bench-checkpoint"
 VERSION = 2  # 2: the training record (device, precision, cumulative throughput and GPU time)
@@ -58,15 +58,28 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write `state` as the checkpoint of `step` atomically, then delete all but the newest
-    `keep_last` checkpoints. Call on the main process only."""
+    `keep_last` checkpoints. Call on the main process only. A file system that refuses the write
+    (full, read-only) raises a StorageError; the temporary file is removed and the checkpoints
+    already there are left as they were."""
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # Temporary files left by a writer that was killed mid-write; only the main process writes.
-    for stale in ckpt_dir.glob(".step_*.pt.*.tmp"):
-        stale.unlink(missing_ok=True)
     path = checkpoint_path(ckpt_dir, step)
-    with atomic_write(path, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+    # Serialised in memory first: a full disk is then one OSError from a plain write, not torch's
+    # zip writer failing half-way through (ENOSPC, then a RuntimeError of its own).
+    data = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, data)
+    try:
+        with storage_errors(f"write {path}"):
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            # Temporary files left by a writer that was killed mid-write; only the main process writes.
+            for stale in ckpt_dir.glob(".step_*.pt.*.tmp"):
+                stale.unlink(missing_ok=True)
+        with atomic_write(path, "wb") as f:
+            f.write(data.getbuffer())
+    except StorageError as e:
+        previous = list_checkpoints(ckpt_dir)
+        kept = f"the newest checkpoint, {previous[-1]}, is intact" if previous else "there is no earlier checkpoint"
+        raise StorageError(f"checkpoint not written: {e}; {kept}. Free space on (or fix) that file system "
+                           "and run the same command again to resume") from e
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
@@ -86,6 +99,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointUnavailable(
             f"{path}: cannot be read ({type(e).__name__}: {e}); this is a storage error, not a corrupt "
             "checkpoint, so it is left as it is: run again when the file system reads it") from None
+    if not data.startswith(b"PK\x03\x04"):  # torch.save has written zip archives since PyTorch 1.6
+        what = "an empty file" if not data else "not a PyTorch file (not the zip archive torch.save writes)"
+        raise CheckpointError(f"{path}: {what}; it is corrupt (for example left empty or zero-filled by a crash) "
+                              "or another kind of file, not a ran-bench checkpoint")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncation and corruption surface as many exception types

@@ -193,7 +193,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # noqa: BLE001 - YAML syntax errors come in several types
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        # The parser's message spans lines; the command line prints the error as one.
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     return _build(node, str(path), overrides)
 
 

@@ -9,13 +9,19 @@ at `compute()`. Every validation image is counted once; `num_samples` proves it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from ran_bench.errors import StorageError
+from ran_bench.fileio import append_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +84,10 @@ def main(args: argparse.Namespace) -> int:
     Where the result goes (see `_record`): into results.json when the checkpoint is the one the
     record describes (evaluations of the same size are replaced) or when there is no record yet
     (then built from the checkpoint); the evaluation of an older checkpoint goes to
-    RUN_DIR/evals/step_XXXXXXXX.json and never replaces the record of the run's later steps."""
+    RUN_DIR/evals/step_XXXXXXXX.json and never replaces the record of the run's later steps. An
+    evaluation on other data than the run's (overrides of data.root, data.name or
+    data.augmentation) goes to RUN_DIR/evals/<data folder>-<hash>/step_XXXXXXXX.json and nowhere
+    else. A run directory that cannot be written gets the result printed, then a StorageError."""
     from accelerate import Accelerator, PartialState
 
     from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
@@ -128,11 +137,19 @@ def main(args: argparse.Namespace) -> int:
                   f"top-5 err {result['top5_err']:.2f}% over {result['num_samples']} images{skipped} ({ckpt_path})")
 
     if accelerator.is_main_process and run_dir is not None and (run_dir / "config.yaml").is_file():
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            for e in evaluations:
-                f.write(json.dumps({"kind": "eval", "step": step, "size": e.size, "top1_err": e.top1_err,
-                                    "top5_err": e.top5_err, "num_samples": e.num_samples}) + "\n")
-        print(f"updated {_record(run_dir, ckpt_path, ckpt, cfg, evaluations)}")
+        other_data = _data_changes(config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)"), cfg)
+        try:
+            if other_data:
+                print(f"updated {_save_other_data_evaluations(run_dir, step, ckpt_path, cfg, evaluations)} "
+                      f"(not the run's data: {'; '.join(other_data)}; the run's results.json is left as it is)")
+            else:
+                append_text(run_dir / "metrics.jsonl", "".join(
+                    json.dumps({"kind": "eval", "step": step, "size": e.size, "top1_err": e.top1_err,
+                                "top5_err": e.top5_err, "num_samples": e.num_samples}) + "\n" for e in evaluations))
+                print(f"updated {_record(run_dir, ckpt_path, ckpt, cfg, evaluations)}")
+        except StorageError as e:
+            raise StorageError(f"the result above was not recorded in {run_dir}: {e}; make the run directory "
+                               "writable (or copy it somewhere writable) and evaluate again") from e
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -176,16 +193,43 @@ def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) 
     return run_dir / "results.json"
 
 
-def _save_step_evaluations(run_dir: Path, step: int, ckpt_path: Path, evaluations: list) -> Path:
-    """Add `evaluations` (of the checkpoint of `step`) to RUN_DIR/evals/step_XXXXXXXX.json."""
+def _save_step_evaluations(run_dir: Path, step: int, ckpt_path: Path, evaluations: list,
+                           folder: Path | None = None, **extra) -> Path:
+    """Add `evaluations` (of the checkpoint of `step`) to step_XXXXXXXX.json in `folder`
+    (default RUN_DIR/evals), with the `extra` fields."""
     from ran_bench.results import Evaluation, write_json_atomic
 
-    path = run_dir / "evals" / f"step_{step:08d}.json"
+    path = (folder or run_dir / "evals") / f"step_{step:08d}.json"
     kept = [Evaluation(**e) for e in json.loads(path.read_text())["evaluations"]] if path.is_file() else []
-    path.parent.mkdir(exist_ok=True)
-    write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step,
+    write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step, **extra,
                              "evaluations": [asdict(e) for e in _merge(kept, evaluations)]})
     return path
+
+
+DATA_KEYS = ("root", "name", "augmentation")  # what makes an evaluation one on other data than the run's
+
+
+def _data_changes(run_cfg, cfg) -> list[str]:
+    """The data.* keys of `cfg` that make its evaluation one on other data than `run_cfg`'s (the
+    run's own config), as "data.KEY X (the run's: Y)"; a data.root naming the same folder is the same."""
+    changes = []
+    for key in DATA_KEYS:
+        old, new = getattr(run_cfg.data, key), getattr(cfg.data, key)
+        same_folder = key == "root" and old and new and os.path.realpath(old) == os.path.realpath(new)
+        if old != new and not same_folder:
+            changes.append(f"data.{key} {new} (the run's: {old})")
+    return changes
+
+
+def _save_other_data_evaluations(run_dir: Path, step: int, ckpt_path: Path, cfg, evaluations: list) -> Path:
+    """Record an evaluation on other data than the run's in RUN_DIR/evals/<data folder>-<hash>/,
+    one folder per data set (its resolved root, name and augmentation), never in results.json or
+    metrics.jsonl (`ran-bench report` reads those as the run's own)."""
+    root = os.path.realpath(cfg.data.root) if cfg.data.root else None
+    data = {"root": root, "name": cfg.data.name, "augmentation": cfg.data.augmentation}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(root).name if root else "no_root") + f"-{digest}"
+    return _save_step_evaluations(run_dir, step, ckpt_path, evaluations, run_dir / "evals" / folder, data=data)
 
 
 def _merge(old: list, new: list) -> list:

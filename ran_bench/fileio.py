@@ -12,27 +12,50 @@ from typing import IO, Iterator
 
 import torch
 
+from ran_bench.errors import StorageError, os_error_text
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Raise an OSError of the block as a StorageError, "cannot <what>: <cause>" (e.g. "cannot write
+    RUN/results.json: Read-only file system"), which ran-bench prints as one error line."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"cannot {what}: {os_error_text(e)}") from e
 
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Write `path` through a temporary file in the same folder: on success it is fsynced and
     renamed over `path` (and the folder fsynced); on any error it is removed. A crash or a kill
-    leaves the old file or the new one, never half of one."""
+    leaves the old file or the new one, never half of one. A file system error (read-only, full,
+    a file where the folder should be) is raised as a StorageError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with storage_errors(f"write {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with storage_errors(f"write {path}"):
+            with os.fdopen(fd, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to `path` (a log of records); a file system error is a StorageError naming it."""
+    with storage_errors(f"write {path}"), open(path, "a") as f:
+        f.write(text)
 
 
 def _fsync_dir(path: Path) -> None:

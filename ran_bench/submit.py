@@ -254,15 +254,19 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
         raise InputError(f"--tasks-per-node {tasks} with --gpus-per-node {args.gpus_per_node}: the trainer runs one "
                          "process per GPU, so leave --tasks-per-node out when using GPUs")
     timeout_min = parse_time(args.time)
-    extra, sbatch_options = slurm_parameters(args.slurm)
     config = Path(args.config)
+    run_dir = Path(args.run_dir or Path("runs") / config.stem).absolute()
+    name = args.name or f"ran-bench-{config.stem}"
+    for flag, value in [("--slurm", item) for item in args.slurm] + [
+            ("--partition", args.partition), ("--name", name), ("--run-dir", str(run_dir))]:
+        _refuse_control_characters(flag, value)
+    extra, sbatch_options = slurm_parameters(args.slurm)
     cfg = load_config(config, args.overrides)
     validate(cfg, str(config), world_size=args.nodes * tasks)
-    run_dir = Path(args.run_dir or Path("runs") / config.stem).absolute()
     command = [sys.executable, "-m", "ran_bench", "train", "--config", str(config.absolute()),
                "--run-dir", str(run_dir), *args.overrides]
     params: dict[str, Any] = {
-        "name": args.name or f"ran-bench-{config.stem}",
+        "name": name,
         "nodes": args.nodes,
         "tasks_per_node": tasks,
         "cpus_per_task": args.cpus_per_task or (8 if args.gpus_per_node else 1),
@@ -276,6 +280,15 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
         params["slurm_partition"] = args.partition
     params.update(extra)
     return params, command, run_dir
+
+
+def _refuse_control_characters(flag: str, value: str | None) -> None:
+    """Refuse a value for the sbatch script that holds a control character: a newline would end its
+    line there and start another, an #SBATCH option or a command of its own."""
+    bad = next((c for c in value or "" if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InputError(f"{flag} {value!r}: holds the control character {bad!r}; values written into the sbatch "
+                         "script must be one line of printable text")
 
 
 def submit(args: argparse.Namespace):

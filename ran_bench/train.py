@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
+import os
 import signal
 import sys
 import time
@@ -29,11 +31,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ran_bench.fileio import atomic_write, device_name, git_commit
+from ran_bench.errors import InputError, StorageError, UserError
+from ran_bench.fileio import append_text, atomic_write, device_name, git_commit, storage_errors
 from ran_bench.config import Backend, Config, ConfigError, check_resume, config_from_yaml, \
     gradient_accumulation_steps, load_config, lr_at, mixed_precision, to_yaml
+from ran_bench.preemption import REQUEUE_EXIT_CODE, stop_request
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the launcher requeues the job
 
 log = logging.getLogger("ran_bench.train")
 
@@ -73,31 +76,28 @@ def build_criterion(cfg: Config) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
 
-class StopRequest:
-    """Set by SIGTERM/SIGUSR1; the loop reads it between optimizer steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-
 def main(args: argparse.Namespace) -> int:
     """Train; 0 when the run reached its stop step, REQUEUE_EXIT_CODE after a signal. Bad input
-    raises a UserError, which the command line prints as one line with exit status 2."""
+    raises a UserError, which the command line prints as one line with exit status 2; train.log
+    of an existing run directory says it too."""
+    run_log = _RunLog()
+    try:
+        return _train(args, run_log)
+    except UserError as e:
+        run_log.failed(e, _run_dir(args))
+        raise
+
+
+def _train(args: argparse.Namespace, run_log: _RunLog) -> int:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import broadcast_object_list, gather_object, set_seed
-    from tqdm.auto import tqdm
 
     from ran_bench.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
     from ran_bench.data import build_loader
     from ran_bench.evaluate import evaluate, sync_buffers
     from ran_bench.models import create_model
 
-    stop_request = StopRequest()  # first, so a signal during set-up is not lost
+    stop = stop_request()  # `ran-bench train` installed its handlers before importing torch
     t_begin = time.perf_counter()
     cfg, run_dir = _config_and_run_dir(args)
     # cpu=True without CUDA: Accelerate then runs several CPU processes as MULTI_CPU (gloo) instead
@@ -116,14 +116,14 @@ def main(args: argparse.Namespace) -> int:
                               log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main_process = accelerator.is_main_process
-    _setup_logging(run_dir if main_process else None, rank)
+    run_log.start(rank, main_process)
     log.info("run directory %s; %d process(es) on %s; global batch %d = %d x %d per device x %d accumulation; "
              "precision %s", run_dir, world_size, device, cfg.optim.global_batch_size, world_size,
              cfg.optim.per_device_batch_size, accumulation, _precision_name(precision))
 
     # Data: class count, optional label noise, this rank's training shard.
     num_classes = _num_classes(cfg)
-    labels = _noisy_labels(cfg, num_classes, run_dir if main_process else None)
+    labels, label_noise = _noisy_labels(cfg, num_classes)
     backend = _backend(cfg, device)
     loader_args = dict(backend=backend, rank=rank, world_size=world_size, num_threads=cfg.data.num_threads,
                        seed=cfg.seed, channels_last=cfg.model.channels_last, device=device, num_classes=num_classes)
@@ -163,6 +163,10 @@ def main(args: argparse.Namespace) -> int:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = build_criterion(cfg)
+    if main_process:  # set-up passed: from here on the run directory is written
+        run_log.open(run_dir)
+        if label_noise is not None:
+            _save_label_noise(run_dir, label_noise)
 
     # Resume from the newest good checkpoint (rank 0 chooses, so every rank loads the same file).
     step, epoch, images_seen, elapsed_before, eval_due = 0, 0, 0, 0.0, False
@@ -274,6 +278,11 @@ def main(args: argparse.Namespace) -> int:
             out.append(result)
         return out
 
+    if _signalled_anywhere(accelerator, stop):  # during set-up: nothing trained since the newest checkpoint
+        log.warning("stopped by a signal before training started; exiting with %d so the launcher requeues "
+                    "the run (nothing new to checkpoint)", REQUEUE_EXIT_CODE)
+        _shutdown(accelerator, cfg)
+        return REQUEUE_EXIT_CODE
     if eval_due:  # the evaluation of the step the previous segment was stopped at by a signal
         run_evaluation(cfg.data.test_sizes)
 
@@ -283,8 +292,8 @@ def main(args: argparse.Namespace) -> int:
              cfg.model.name, step, stop_step, cfg.total_steps, cfg.lr, cfg.optim.lr_per_256,
              cfg.optim.global_batch_size, cfg.schedule.kind.name)
     model.train()
-    bar = tqdm(total=stop_step, initial=step, disable=not main_process, unit="step", dynamic_ncols=True,
-               smoothing=0.1)
+    bar = run_log.progress_bar(total=stop_step, initial=step, disable=not main_process, unit="step",
+                               dynamic_ncols=True, smoothing=0.1)
     # trained: this segment's seconds in training steps, evaluation and checkpoints excluded; it
     # grows by the time from t_mark to each pause for one of those.
     start_step, trained, t_mark = step, 0.0, time.perf_counter()
@@ -344,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
             if votes_ready is not None:
                 votes_ready.synchronize()  # the previous step's copy, not the step just queued
             signalled = votes_host.item() > 0
-            vote.fill_(float(stop_request.signum is not None))
+            vote.fill_(float(stop.signum is not None))
             votes = accelerator.reduce(vote, "sum") if world_size > 1 else vote
             votes_host.copy_(votes, non_blocking=on_cuda)
             if votes_ready is not None:
@@ -371,7 +380,7 @@ def main(args: argparse.Namespace) -> int:
     bar.close()
     if signalled:
         log.warning("stopped by signal %s after step %d; checkpoint written, exiting with %d so the launcher "
-                    "requeues the run", signal.Signals(stop_request.signum).name if stop_request.signum
+                    "requeues the run", signal.Signals(stop.signum).name if stop.signum
                     else "(on another rank)", step, REQUEUE_EXIT_CODE)
         _shutdown(accelerator, cfg)
         return REQUEUE_EXIT_CODE
@@ -451,19 +460,27 @@ def _finished_record(run_dir: Path, step: int) -> bool:
 
 
 def _config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
-    if args.config is None and args.run_dir is None:
-        raise SystemExit("ran-bench train: give --config FILE (a new run) or --run-dir DIR (resume a run)")
+    """The config and run directory the arguments name; bad ones raise a UserError (exit status 2)."""
+    run_dir = _run_dir(args)
+    if run_dir is None:
+        raise InputError("give --config FILE (a new run) or --run-dir DIR (resume a run)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir} is a file, not a directory; give a new directory or a run "
+                         "directory to resume")
     config_path = args.config
     if config_path is None:
-        config_path = Path(args.run_dir) / "config.yaml"
+        config_path = run_dir / "config.yaml"
         if not config_path.is_file():
-            raise SystemExit(f"ran-bench train: {config_path} does not exist; give --config FILE")
-    try:
-        cfg = load_config(config_path, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(config_path).stem
-    return cfg, run_dir
+            raise InputError(f"{config_path} does not exist, so {run_dir} is not a run to resume; give --config "
+                             "FILE to start a run")
+    return load_config(config_path, args.overrides), run_dir
+
+
+def _run_dir(args: argparse.Namespace) -> Path | None:
+    """--run-dir, or runs/<config file name>; None when neither is given."""
+    if args.run_dir:
+        return Path(args.run_dir)
+    return Path("runs") / Path(args.config).stem if args.config else None
 
 
 def _precision_name(mixed_precision: str) -> str:
@@ -486,27 +503,29 @@ def _num_classes(cfg: Config) -> int:
     return len(find_classes(cfg.data.root))
 
 
-def _noisy_labels(cfg: Config, num_classes: int, run_dir: Path | None) -> list[int] | None:
+def _noisy_labels(cfg: Config, num_classes: int) -> tuple[list[int] | None, dict | None]:
     """Training labels with `data.label_noise` of them changed (the same on every rank, from the
-    seed); the main process records the changes in label_noise.json."""
+    seed), and the record of the changes that `_save_label_noise` writes; (None, None) without noise."""
     if cfg.data.label_noise <= 0:
-        return None
+        return None, None
     from ran_bench.data import corrupt_labels, list_samples
-    from ran_bench.results import write_json_atomic
 
     if cfg.data.root is None:
         raise ConfigError("data.label_noise needs a data set with labels (data.root)")
     files, clean, _ = list_samples(cfg.data.root, "train")
     noisy = corrupt_labels(clean, cfg.data.label_noise, num_classes, seed=cfg.seed)
-    if run_dir is not None:
-        changed = [[i, a, b] for i, (a, b) in enumerate(zip(clean, noisy)) if a != b]
-        write_json_atomic(run_dir / "label_noise.json", {
-            "fraction": cfg.data.label_noise, "seed": cfg.seed, "num_samples": len(clean),
-            "num_changed": len(changed), "changes_index_from_to": changed,
-            "files": "sample index i is the i-th file of ran_bench.data.list_samples(root, 'train')"})
-        log.info("label noise: %d of %d training labels changed (seed %d), see label_noise.json",
-                 len(changed), len(clean), cfg.seed)
-    return noisy
+    changed = [[i, a, b] for i, (a, b) in enumerate(zip(clean, noisy)) if a != b]
+    return noisy, {"fraction": cfg.data.label_noise, "seed": cfg.seed, "num_samples": len(clean),
+                   "num_changed": len(changed), "changes_index_from_to": changed,
+                   "files": "sample index i is the i-th file of ran_bench.data.list_samples(root, 'train')"}
+
+
+def _save_label_noise(run_dir: Path, record: dict) -> None:
+    from ran_bench.results import write_json_atomic
+
+    write_json_atomic(run_dir / "label_noise.json", record)
+    log.info("label noise: %d of %d training labels changed (seed %d), see label_noise.json",
+             record["num_changed"], record["num_samples"], record["seed"])
 
 
 def _count(cfg: Config, model: nn.Module) -> tuple[int, int, int]:
@@ -542,24 +561,72 @@ def _flat_hparams(cfg: Config) -> dict[str, Any]:
     return flat("", OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
 
 
-def _setup_logging(run_dir: Path | None, rank: int) -> None:
-    """train.log and stderr on the main process; warnings only, prefixed with the rank, elsewhere."""
-    root = logging.getLogger("ran_bench")
-    root.handlers.clear()
-    root.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
-    if run_dir is None:
-        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-        root.setLevel(logging.WARNING)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(fmt)
-        root.addHandler(file)
-        console.setFormatter(fmt)
-        root.setLevel(logging.INFO)
-    root.addHandler(console)
+class _RunLog:
+    """The trainer's log: stderr, and on the main process RUN_DIR/train.log. Until `open`, the
+    main process keeps its lines in memory, so a run that fails set-up on bad input leaves no run
+    directory behind."""
+
+    FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def __init__(self) -> None:
+        self.root = logging.getLogger("ran_bench")
+        self.main = os.environ.get("RANK", "0") == "0"  # until `start` knows (torchrun and Accelerate set RANK)
+        self.pending: logging.handlers.MemoryHandler | None = None
+        self.file: logging.FileHandler | None = None
+        self.bar = None
+
+    def start(self, rank: int, main_process: bool) -> None:
+        """Log to stderr: everything on the main process (kept for train.log), warnings only,
+        prefixed with the rank, elsewhere."""
+        self.main = main_process
+        self.root.handlers.clear()
+        self.root.propagate = False
+        console = logging.StreamHandler(sys.stderr)
+        if main_process:
+            console.setFormatter(self.FORMAT)
+            self.root.setLevel(logging.INFO)
+            self.pending = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+            self.root.addHandler(self.pending)
+        else:
+            console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+            self.root.setLevel(logging.WARNING)
+        self.root.addHandler(console)
+
+    def open(self, run_dir: Path) -> None:
+        """Create the run directory and train.log (appended to), and write the lines kept so far."""
+        with storage_errors(f"create the run directory {run_dir} (--run-dir)"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with storage_errors(f"write {run_dir / 'train.log'} (the run directory must be writable)"):
+            self.file = logging.FileHandler(run_dir / "train.log")
+        self.file.setFormatter(self.FORMAT)
+        if self.pending is not None:
+            self.pending.setTarget(self.file)
+            self.pending.flush()
+            self.root.removeHandler(self.pending)
+            self.pending = None
+        self.root.addHandler(self.file)
+
+    def progress_bar(self, **kwargs):
+        """The loop's tqdm progress bar on stderr."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(**kwargs)
+        return self.bar
+
+    def failed(self, error: UserError, run_dir: Path | None) -> None:
+        """Write the error that ends the run to train.log only (the command line prints it), where
+        that is a run directory already: a new run that failed set-up leaves nothing behind."""
+        if self.bar is not None:
+            self.bar.close()  # ends its line, so that the command line's error line starts one
+        if self.file is None:
+            if not (self.main and run_dir is not None and (run_dir / "config.yaml").is_file()):
+                return
+            try:
+                self.open(run_dir)
+            except StorageError:
+                return  # a read-only run directory: the command line still prints the error
+        self.file.handleError = lambda record: None  # a full disk: no "Logging error" traceback after the error
+        self.file.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None))
 
 
 def _write_config(run_dir: Path, cfg: Config) -> None:
@@ -576,8 +643,7 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
 
 def _append_metrics(run_dir: Path, main_process: bool, record: dict) -> None:
     if main_process:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(run_dir / "metrics.jsonl", json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -603,6 +669,14 @@ def _to_cpu(value):
     if isinstance(value, (list, tuple)):
         return [_to_cpu(v) for v in value]
     return value
+
+
+def _signalled_anywhere(accelerator, stop) -> bool:
+    """Whether any rank has received a stop signal (a collective: every rank calls it)."""
+    flag = torch.tensor(float(stop.signum is not None), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "sum")
+    return flag.item() > 0
 
 
 def _shutdown(accelerator, cfg: Config) -> None:

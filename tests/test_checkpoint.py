@@ -12,6 +12,7 @@ import torch
 
 from ran_bench.checkpoint import (FORMAT, VERSION, CheckpointError, CheckpointUnavailable, list_checkpoints, load_checkpoint, load_latest,
                                   rng_state, save_checkpoint, set_rng_state)
+from ran_bench.errors import StorageError
 
 
 def _state(step: int) -> dict:
@@ -121,3 +122,51 @@ def test_a_checkpoint_that_cannot_be_used_now_is_never_set_aside(tmp_path, monke
     with pytest.raises(CheckpointUnavailable, match=words):
         load_latest(tmp_path, warn=pytest.fail)
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["step_00000001.pt", "step_00000002.pt"]
+
+
+def test_random_bytes_are_reported_as_not_a_pytorch_file(tmp_path):
+    # Such bytes once read as "holds pickled Python objects", which sends the user looking for
+    # tampering instead of a corrupt file.
+    path = tmp_path / "step_00000001.pt"
+    path.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: not a PyTorch file (not the zip archive torch.save writes)")
+    assert "pickled" not in str(error.value)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"step_00000001.pt: an empty file; it is corrupt"):
+        load_checkpoint(path)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def test_a_full_disk_leaves_the_earlier_checkpoints_and_no_temporary_file(tmp_path):
+    """On a real full file system (a small tmpfs): one StorageError naming the file, the cause and
+    the intact checkpoint, with no RuntimeError of torch's zip writer anywhere in its chain."""
+    from tmpfs import PAGE, free_bytes, remount, tmpfs
+
+    state = {**_state(1), "padding": torch.zeros(16 * 1024)}  # 64 KiB: more than the room left below
+    with tmpfs(tmp_path / "fs", 40 * PAGE) as fs:
+        first = save_checkpoint(fs, 1, state, keep_last=3)
+        good = first.read_bytes()
+        (fs / "filler").write_bytes(b"\0" * (free_bytes(fs) - 2 * PAGE))
+        with pytest.raises(StorageError) as error:
+            save_checkpoint(fs, 2, {**state, "step": 2}, keep_last=3)
+        assert str(error.value) == (
+            f"checkpoint not written: cannot write {fs / 'step_00000002.pt'}: No space left on device; the newest "
+            f"checkpoint, {first}, is intact. Free space on (or fix) that file system and run the same command "
+            "again to resume")
+        assert not any(isinstance(e, RuntimeError) for e in _chain(error.value))
+        assert sorted(p.name for p in fs.iterdir()) == ["filler", "step_00000001.pt"]  # no temporary file
+        assert first.read_bytes() == good and load_checkpoint(first)["step"] == 1
+
+        remount(fs, "ro")
+        with pytest.raises(StorageError, match=r"cannot write .*step_00000003.pt: Read-only file system; the "
+                                                r"newest checkpoint, .*step_00000001.pt, is intact"):
+            save_checkpoint(fs, 3, state, keep_last=3)

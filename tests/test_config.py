@@ -153,3 +153,59 @@ def test_fp16_needs_cuda_and_auto_uses_bf16_only_on_bf16_hardware(monkeypatch):
     assert mixed_precision(auto, "cuda") == "fp16"  # V100, T4
     assert calls == [False, False]
     assert mixed_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]), "cuda") == "fp16"
+
+
+OK_YAML = "model: {name: attention56}\n"
+
+
+@pytest.mark.parametrize("files, argv, message", [
+    ({"c.yaml": OK_YAML + "foo: 1\n"}, ["--config", "c.yaml"], r"c\.yaml: key 'foo': Key 'foo' not in 'Config'"),
+    ({"c.yaml": OK_YAML}, ["--config", "c.yaml", "optim.global_batch_size=abc"],
+     r"c\.yaml \(or the overrides .*\): key 'optim\.global_batch_size': Value 'abc' of type 'str' could not be "
+     r"converted to Integer"),
+    ({"c.yaml": OK_YAML}, ["--config", "c.yaml", "optim.global_batch_size=0"],
+     r"c\.yaml: optim\.global_batch_size must be >= 1, got 0"),
+    ({"c.yaml": "model: [\n"}, ["--config", "c.yaml"], r"c\.yaml: not valid YAML \(.*expected the node content"),
+    ({"c.yaml": ""}, ["--config", "c.yaml"], r"c\.yaml: required keys not set: model\.name"),
+    ({"c.yaml": "model: !!python/object/apply:os.system ['touch pwned']\n"}, ["--config", "c.yaml"],
+     r"c\.yaml: not valid YAML \(could not determine a constructor for the tag .*python/object/apply:os\.system"),
+    ({"c.yaml": OK_YAML + "model: {name: attention92}\n"}, ["--config", "c.yaml"],
+     r"c\.yaml: not valid YAML \(.*found duplicate key model"),
+    ({"c.yaml": OK_YAML}, ["--config", "c.yaml", "optim.lr_per_256"],
+     r"override 'optim\.lr_per_256' is not key=value"),
+    ({}, [], r"give --config FILE \(a new run\) or --run-dir DIR \(resume a run\)"),
+    ({"old/x": ""}, ["--run-dir", "old"], r"old/config\.yaml does not exist, so old is not a run to resume"),
+    ({"c.yaml": OK_YAML, "taken": ""}, ["--config", "c.yaml", "--run-dir", "taken"],
+     r"--run-dir taken is a file, not a directory"),
+], ids=["unknown-key", "not-an-int", "zero-batch", "unparsable", "empty", "python-tag", "duplicate-key",
+        "no-equals", "no-config", "no-config-yaml", "run-dir-is-a-file"])
+def test_every_bad_input_of_train_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, files, argv, message):
+    """Through the command line's entry point: status 2 (bad input, as the README and `eval` say),
+    one `error:` line, and nothing written (no run directory, nothing in a folder that is not a
+    run). The process-level exit status of the same path: the test below."""
+    import re
+
+    from ran_bench.cli import main as cli
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert cli(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"error: {message}", err) and err.count("\n") == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.slow  # a real `python -m ran_bench train`: seconds of importing torch and the models
+def test_a_bad_config_ends_the_train_process_with_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text(OK_YAML + "foo: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "ran_bench", "train", "--config", "c.yaml"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: c.yaml: key 'foo'") and proc.stderr.count("\n") == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

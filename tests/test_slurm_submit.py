@@ -84,6 +84,22 @@ def test_bad_arguments_fail_before_submitting(no_sbatch, capsys, args, message):
     assert not no_sbatch.exists()
 
 
+@pytest.mark.parametrize("args, flag, value, char", [
+    (["--slurm", "account=proj\n#SBATCH --exclusive"], "--slurm", "account=proj\n#SBATCH --exclusive", "\n"),
+    (["--slurm", "setup=module load cuda\nrm -rf ~"], "--slurm", "setup=module load cuda\nrm -rf ~", "\n"),
+    (["--partition", "gpu\r#SBATCH --qos=high"], "--partition", "gpu\r#SBATCH --qos=high", "\r"),
+    (["--name", "demo\n#SBATCH --exclusive"], "--name", "demo\n#SBATCH --exclusive", "\n"),
+    (["--run-dir", "runs/a\nb"], "--run-dir", str(REPO / "runs" / "a\nb"), "\n"),
+])
+def test_a_control_character_never_reaches_the_sbatch_script(no_sbatch, capsys, args, flag, value, char):
+    """A newline in a value would end its #SBATCH line and start another option or a command."""
+    assert cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", *args, "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {flag} {value!r}: holds the control character {char!r}; values written into "
+                            "the sbatch script must be one line of printable text\n")
+    assert captured.out == "" and not no_sbatch.exists()
+
+
 def test_slurm_options_get_submitits_types_in_the_sbatch_file(no_sbatch, tmp_path, capsys):
     """`--slurm KEY=VALUE` is text on the command line; submitit needs a flag for exclusive, lists for
     setup and srun_args, and unknown options next to the job's own --requeue."""

@@ -1,10 +1,14 @@
 """The trainer end to end, in 1 and 2 processes (torchrun, gloo on CPU), on a tiny image set.
 
 Few launches, several facts each (each launch pays seconds of start-up):
-- 1 process: uninterrupted run A1; run B1 stopped by SIGTERM (exit 75, loadable checkpoint),
-  resumed to the end: bitwise A1's weights and A1's metrics.
+- 1 process: uninterrupted run A1; run B1 with loader worker processes, stopped by SIGTERM to its
+  whole process group (exit 75, loadable checkpoint; the workers ignore it), resumed to the end:
+  bitwise A1's weights and A1's metrics.
 - 2 processes: uninterrupted run A2; run B2 stopped by a SIGTERM to rank 1 only (both ranks stop
-  at the same step), resumed: bitwise A2's weights and metrics.
+  at the same step), resumed: bitwise A2's weights and metrics; run T2 with loader workers, SIGTERM
+  to torchrun and every process under it (as SLURM signals a job step): one checkpoint, resumed
+  bitwise to A2's weights.
+- A SIGTERM while `ran-bench train` is still starting (before torch is imported) exits 75.
 - DDP equivalence: G2 (2 processes x 24 images) against A1 (1 process x 24 images x 2
   accumulation steps), a global batch of 48 = the whole training set, so both runs see the same
   images at every step however the loader shards them. Both use the GroupNorm variant of the tiny
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,16 +155,39 @@ def run_a2(setup):
     return setup / "A2"
 
 
-def test_one_process_sigterm_exits_75_and_resumes_bitwise(setup, run_a1):
+def _wait_for_loader_workers(trainers: list[psutil.Process], proc: subprocess.Popen) -> None:
+    """Block until each trainer process has DataLoader worker processes running (they restart with
+    every epoch of the tiny data set, so a signal may also fall between two sets of workers), and
+    check that they ignore the stop signals: a worker that dies of one can end the run before it
+    checkpoints (or, when its batches are already prefetched, not, which is why this is checked)."""
+    deadline = time.monotonic() + 120
+    while not all(t.children() for t in trainers):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("the trainers never had loader worker processes")
+        time.sleep(0.01)
+    for worker in (w for t in trainers for w in t.children()):
+        try:
+            ignored = int(re.search(r"SigIgn:\s*([0-9a-f]+)", Path(f"/proc/{worker.pid}/status").read_text())[1], 16)
+        except FileNotFoundError:
+            continue  # this epoch's workers have just been shut down
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            assert ignored & (1 << sig - 1), f"loader worker {worker.pid} does not ignore {sig.name}"
+
+
+def test_one_process_with_loader_workers_stops_on_sigterm_to_its_process_group_and_resumes_bitwise(
+        setup, run_a1):
+    """What SLURM does to a job step: SIGTERM to every process, the loader's workers included. The
+    workers ignore it; the trainer finishes its step, checkpoints and exits 75."""
     from ran_bench.checkpoint import list_checkpoints, load_checkpoint
     from ran_bench.train import REQUEUE_EXIT_CODE
 
     run_dir = setup / "B1"
     proc = subprocess.Popen([sys.executable, ENTRY, "train", "--config", str(setup / "group.yaml"),
-                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=REPO)
+                             "--run-dir", str(run_dir), "data.num_threads=2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True)
     _wait_for_metrics(run_dir, proc, min_step=2)
-    proc.send_signal(signal.SIGTERM)
+    _wait_for_loader_workers([psutil.Process(proc.pid)], proc)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE == 75, err[-4000:]
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
@@ -168,12 +196,68 @@ def test_one_process_sigterm_exits_75_and_resumes_bitwise(setup, run_a1):
     assert f"stopped by signal SIGTERM after step {stopped_at}" in err
     assert not (run_dir / "results.json").exists()
 
-    # Starting again with only the run directory resumes and completes the run.
+    # Starting again with only the run directory resumes and completes the run, with the weights of
+    # the uninterrupted run that loaded its data in-process.
     resumed = _python("train", "--run-dir", str(run_dir))
     assert f"resumed from {newest} at step {stopped_at}" in resumed.stderr
     _assert_bitwise_equal(_final_weights(run_dir, 8), _final_weights(run_a1, 8))
     assert _metrics(run_dir) == _metrics(run_a1)
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 8
+
+
+def test_torchrun_with_loader_workers_stops_at_one_checkpoint_on_sigterm_to_every_process(setup, run_a2):
+    """SIGTERM to torchrun, its ranks and their loader workers at once (SLURM's scancel, requeue or
+    preemption of a job step): both ranks stop after the same step, rank 0 writes one checkpoint,
+    and the resumed run ends bitwise where the uninterrupted one did."""
+    from ran_bench.checkpoint import list_checkpoints, load_checkpoint
+
+    run_dir = setup / "T2"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), ENTRY, "train",
+                             "--config", str(setup / "batch.yaml"), "--run-dir", str(run_dir),
+                             "checkpoint.every_steps=100", "data.num_threads=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    _wait_for_metrics(run_dir, proc, min_step=2)
+    ranks = [p for p in psutil.Process(proc.pid).children() if "RANK" in p.environ()]
+    assert len(ranks) == 2, "torchrun should have started 2 workers"
+    _wait_for_loader_workers(ranks, proc)
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in everyone:
+        p.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    assert len(checkpoints) == 1, (checkpoints, err[-4000:])
+    stopped_at = load_checkpoint(checkpoints[0])["step"]
+    assert 2 <= stopped_at < 10, err[-4000:]
+    assert "is killed by signal" not in err, err[-4000:]  # no loader worker died of it
+    assert f"[rank 1] WARNING stopped by signal SIGTERM after step {stopped_at}" in err, err[-4000:]
+    assert f"stopped by signal SIGTERM after step {stopped_at}" in (run_dir / "train.log").read_text()
+
+    resumed = _torchrun("train", "--run-dir", str(run_dir))
+    assert f"resumed from {checkpoints[0]} at step {stopped_at}" in resumed.stderr
+    _assert_bitwise_equal(_final_weights(run_dir, 10), _final_weights(run_a2, 10))
+    assert _metrics(run_dir) == _metrics(run_a2)
+
+
+def test_a_sigterm_during_start_up_exits_75_without_training(setup):
+    """`ran-bench train` catches the stop signals before it imports torch (seconds of start-up on a
+    busy node): a job preempted while starting is requeued (75), not failed (143)."""
+    run_dir = setup / "early"
+    proc = subprocess.Popen([sys.executable, "-m", "ran_bench", "train", "--config", "configs/demo.yaml",
+                             "--run-dir", str(run_dir), f"data.root={setup / 'data'}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    status, maps = Path(f"/proc/{proc.pid}/status"), Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while not int(re.search(r"SigCgt:\s*([0-9a-f]+)", status.read_text()).group(1), 16) & (1 << signal.SIGTERM - 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the SIGTERM handler was never installed"
+        time.sleep(0.001)
+    torch_loaded = "libtorch" in maps.read_text()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert not torch_loaded, "the handler was installed only after importing torch"
+    assert proc.returncode == 75, err[-4000:]
+    assert "stopped by a signal before training started" in err
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_two_processes_stop_together_on_one_ranks_signal_and_resume_bitwise(setup, run_a2):
@@ -375,7 +459,9 @@ def test_a_record_built_by_eval_describes_the_training_run(setup, run_u):
     """A run whose record is older than its newest checkpoint (a partial record at step 3, then trained
     to step 6 and stopped before its final evaluation): `ran-bench eval` builds the record of step 6
     from what the checkpoint saved about training (here: 8 H100s in bf16), notes its own device on
-    its evaluation, counts an unreadable validation image in it, and keeps the step-3 evaluation."""
+    its evaluation, counts an unreadable validation image in it, and keeps the step-3 evaluation. The
+    run's data (data.root of its checkpoint) holds the unreadable image: evaluations on other data
+    are recorded apart."""
     from ran_bench.checkpoint import load_checkpoint, save_checkpoint
     from ran_bench.results import load_results
 
@@ -385,15 +471,16 @@ def test_a_record_built_by_eval_describes_the_training_run(setup, run_u):
     partial = load_results(run_u)
     partial.steps, partial.evaluations[0].step, partial.evaluations[0].top1_err = 3, 3, 50.0
     partial.save(run_dir / "results.json")
-    state = load_checkpoint(run_u / "checkpoints" / "step_00000006.pt")
-    state.update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", precision="bf16", world_size=8,
-                 device_seconds=8 * 3600.0, train_images=120, train_seconds=0.5, skipped_files=["a.JPEG"])
-    save_checkpoint(run_dir / "checkpoints", 6, state, keep_last=1)
     data = setup / "data-one-bad"
     shutil.copytree(setup / "data", data)
     (sorted((data / "val").iterdir())[0] / "broken.JPEG").write_bytes(b"not a JPEG")
+    state = load_checkpoint(run_u / "checkpoints" / "step_00000006.pt")
+    state.update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", precision="bf16", world_size=8,
+                 device_seconds=8 * 3600.0, train_images=120, train_seconds=0.5, skipped_files=["a.JPEG"],
+                 config=state["config"].replace(f"root: {setup / 'data'}\n", f"root: {data}\n"))
+    save_checkpoint(run_dir / "checkpoints", 6, state, keep_last=1)
 
-    _python("eval", str(run_dir), f"data.root={data}")
+    _python("eval", str(run_dir))
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["device_type"], results["device_name"], results["precision"], results["world_size"]) == \
         ("cuda", "NVIDIA H100 80GB HBM3", "bf16", 8)
