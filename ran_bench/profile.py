@@ -4,6 +4,8 @@ Multiply-adds are counted with PyTorch's maintained counter, `torch.utils.flop_c
 counts the FLOPs of convolutions and matrix products (linear layers) only; one multiply-add is two
 FLOPs, so MACs = FLOPs / 2. BatchNorm, activations, pooling, upsampling and the attention
 products are not counted: that is the paper's convention (convolutions and the classifier).
+
+With `--roofline`: the unfused roofline of one training step instead (`ran_bench.roofline`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from ran_bench.errors import InputError
 from ran_bench.fileio import atomic_write
 from ran_bench.models import create_model, list_models, model_info
 from ran_bench.paper import load_table, released_definition, table7_row
+from ran_bench.roofline import CONVENTION as ROOFLINE_CONVENTION
+from ran_bench.roofline import DEVICES, DeviceSpec, Roofline, device_spec, roofline
 
 MAC_CONVENTION = (
     "multiply-adds (MACs) of one forward pass of one image = FLOPs / 2 counted by "
@@ -180,20 +184,121 @@ def format_markdown(profiles: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------
+# `ran-bench profile --roofline`
+
+def _aligned(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+             for cells in [headers, *rows]]
+    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
+
+
+def _roofline_block(group: list[Roofline]) -> list[str]:
+    """One model's split per op kind (per trained image, time on each device) and its top ops by bytes."""
+    first, batch = group[0], group[0].batch
+    rows = [[k.kind, f"{k.flops / batch / 1e9:.2f}", f"{k.bytes / batch / 1e9:.3f}",
+             *(f"{r.kinds[i].seconds / batch * 1e6:.1f}" for r in group)] for i, k in enumerate(first.kinds)]
+    rows.append(["total", f"{first.flops / batch / 1e9:.2f}", f"{first.bytes / batch / 1e9:.3f}",
+                 *(f"{r.seconds / batch * 1e6:.1f}" for r in group)])
+    lines = [f"{first.model} at {first.size} px, batch {batch}, per trained image:",
+             *_aligned(["kind", "GFLOP", "GB", *(f"µs {r.device.name}" for r in group)], rows),
+             "memory-bound ops: " + ", ".join(f"{r.memory_bound_share:.0%} of the time on {r.device.name}"
+                                              for r in group),
+             "top ops by bytes:"]
+    lines += [f"  {op.op} ({op.kind}, {op.calls} calls per step): {op.bytes / batch / 1e9:.3f} GB, {op.share:.1%}"
+              for op in first.top_ops]
+    return lines
+
+
+def format_roofline(rooflines: list[Roofline]) -> str:
+    """A row per model (images/s at the roofline of each device), then each model's split."""
+    groups: dict[tuple[str, int, int], list[Roofline]] = {}
+    for r in rooflines:
+        groups.setdefault((r.model, r.size, r.batch), []).append(r)
+    devices = list(dict.fromkeys(r.device for r in rooflines))
+    rows = [[model, str(size), str(batch), f"{group[0].flops / batch / 1e9:.2f}",
+             f"{group[0].bytes / batch / 1e9:.3f}", *(f"{r.images_per_s:,.0f}" for r in group)]
+            for (model, size, batch), group in groups.items()]
+    lines = ["Unfused roofline of one training step: a limit, not a measurement.",
+             *(f"  {d.name}: {d.peak_tflops:g} TFLOP/s bf16 dense, {d.bandwidth_tbs:g} TB/s ({d.source})"
+               for d in devices), "",
+             *_aligned(["model", "input", "batch", "GFLOP/img", "GB/img", *(f"img/s {d.name}" for d in devices)], rows)]
+    for group in groups.values():
+        lines += ["", *_roofline_block(group)]
+    return "\n".join([*lines, "", *(f"- {line}." for line in ROOFLINE_CONVENTION)])
+
+
+def roofline_devices(args: argparse.Namespace) -> list[DeviceSpec]:
+    """The devices of --device (comma-separated) or the one of --peak-tflops and --bandwidth (default H100)."""
+    custom = args.peak_tflops is not None or args.bandwidth is not None
+    if args.device is not None and custom:
+        raise InputError("give either --device or --peak-tflops with --bandwidth, not both")
+    if not custom:
+        names = [name.strip() for name in (args.device or "h100").split(",") if name.strip()]
+        if not names:
+            raise InputError(f"--device names no device; known: {', '.join(DEVICES)}")
+        return [device_spec(name) for name in names]
+    if args.peak_tflops is None or args.bandwidth is None:
+        raise InputError("--peak-tflops and --bandwidth go together: give both (dense bf16 TFLOP/s and HBM TB/s)")
+    if args.peak_tflops <= 0 or args.bandwidth <= 0:
+        raise InputError(f"--peak-tflops and --bandwidth must be positive, got {args.peak_tflops:g} "
+                         f"and {args.bandwidth:g}")
+    return [DeviceSpec(f"{args.peak_tflops:g} TFLOP/s {args.bandwidth:g} TB/s", args.peak_tflops, args.bandwidth,
+                       "given with --peak-tflops and --bandwidth")]
+
+
+def roofline_main(args: argparse.Namespace, names: list[str]) -> int:
+    """`ran-bench profile --roofline`: the roofline of each model on each device, as a table or JSON."""
+    if args.output:
+        raise InputError("--output writes the model-zoo table; with --roofline use --json > FILE")
+    if args.batch is not None and args.batch < 1:
+        raise InputError(f"--batch must be >= 1, got {args.batch}")
+    devices = roofline_devices(args)
+    rooflines = [roofline(name, args.size, args.batch, device) for name in names for device in devices]
+    if args.json:
+        print(json.dumps({"convention": ROOFLINE_CONVENTION, "rooflines": [r.to_dict() for r in rooflines]}, indent=2))
+    else:
+        print(format_roofline(rooflines))
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, metavar="A,B",
-                        help="comma-separated model names (default: every registered model)")
+                        help="comma-separated model names (default: every registered model; with --roofline, "
+                             "Table 7's)")
     parser.add_argument("--size", type=int, default=None,
                         help=f"input side for ImageNet models (default {PAPER_MAC_SIZE}, where the paper counts "
-                             f"FLOPs); CIFAR models always use {CIFAR_SIZE}")
+                             f"FLOPs); CIFAR models always use {CIFAR_SIZE}. With --roofline: every model's input "
+                             "side (default: the side its recipe trains at)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--output", default=None, metavar="FILE.md",
                         help="also write the table as markdown, e.g. reports/model_zoo.md")
+    parser.add_argument("--roofline", action="store_true",
+                        help="instead: the unfused roofline of one training step (FLOPs and bytes per trained "
+                             "image per op kind, images/s at the device's limits), counted on the meta device; "
+                             "default models: Table 7's, at their training size")
+    parser.add_argument("--device", default=None, metavar="NAME[,NAME]",
+                        help=f"with --roofline: device(s) of the data-sheet table, {', '.join(DEVICES)} (default h100)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="with --roofline, instead of --device: dense bf16 peak in TFLOP/s")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="with --roofline, instead of --device: memory bandwidth in TB/s")
+    parser.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None,
+                        help="with --roofline: images per step (default: the recipe's per-device batch, 32)")
 
 
 def main(args: argparse.Namespace) -> int:
     known = list_models("imagenet") + list_models("cifar")
-    names = known if not args.models else [n.strip() for n in args.models.split(",") if n.strip()]
+    roofline_only = [flag for flag, value in (("--device", args.device), ("--peak-tflops", args.peak_tflops),
+                                               ("--bandwidth", args.bandwidth), ("--batch", args.batch))
+                     if value is not None]
+    if roofline_only and not args.roofline:
+        verb = "applies" if len(roofline_only) == 1 else "apply"
+        raise InputError(f"{', '.join(roofline_only)} {verb} only with --roofline")
+    default = [r["model"] for r in load_table("table7_imagenet")] if args.roofline else known
+    names = default if not args.models else [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if not names:
         raise InputError("--models names no model; give e.g. --models attention56,attention92")
@@ -201,6 +306,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"unknown model(s) {', '.join(unknown)} in --models; known: {', '.join(known)}")
     if args.size is not None and args.size < 32:
         raise InputError(f"--size {args.size} is too small for an ImageNet model (stride 32); use e.g. 224, 299 or 320")
+    if args.roofline:
+        return roofline_main(args, names)
     profiles = [profile_model(name, args.size) for name in names]
     if args.json:
         print(json.dumps({"mac_convention": MAC_CONVENTION, "notes": NOTES, "models": profiles}, indent=2))
