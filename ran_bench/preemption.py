@@ -11,9 +11,12 @@ torch, so a signal during the seconds of start-up is not lost.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", the launcher requeues the job
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -52,12 +55,28 @@ def ignore_stop_signals(*_args) -> None:
 
 
 @contextmanager
-def stop_signals_deferred() -> Iterator[None]:
-    """Hold the stop signals back from this thread while it starts worker processes: a child
-    inherits the blocked mask, so a signal between its fork and `ignore_stop_signals` cannot
-    kill it; one sent to this process meanwhile is delivered when the block ends."""
+def starting_workers() -> Iterator[None]:
+    """Around starting worker processes that call `ignore_stop_signals`: hold the stop signals
+    back from this thread meanwhile (a child inherits the blocked mask, so a signal between its
+    fork and its init cannot kill it; one sent to this process is delivered when the block
+    ends), and make sure such workers still end when this process exits."""
+    _kill_daemon_children_at_exit()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@functools.cache
+def _kill_daemon_children_at_exit() -> None:
+    # multiprocessing ends daemon children at exit with SIGTERM, which these workers ignore, then
+    # waits for them forever (a loader whose workers outlive it, e.g. held by a traceback). Exit
+    # handlers run last-registered first, so this SIGKILL comes before multiprocessing's SIGTERM.
+    atexit.register(_kill_daemon_children)
+
+
+def _kill_daemon_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -154,6 +154,27 @@ def test_val_shards_are_exact():
 
 
 @pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("n, world", [(1, 2), (3, 4)])
+def test_fewer_val_images_than_processes_each_counted_once(tmp_path, backend, n, world):
+    """A validation set smaller than the number of processes (a quick check on a few images):
+    the ranks without an image run no batch, the others read theirs, every image exactly once.
+    (DALI's reader refuses more shards than files, so each rank's reader gets its own slice.)"""
+    root = tmp_path / "d"
+    make_demo(root, seed=4, num_classes=1, train_per_class=2, val_per_class=n, min_side=24, max_side=40)
+    files, labels, _ = list_samples(root, "val")
+    single = _all(build_loader(root, "val", size=24, batch_size=4, backend=backend, num_threads=1))[0]
+    seen = []
+    for rank in range(world):
+        ld = build_loader(root, "val", size=24, batch_size=4, backend=backend, num_threads=1, rank=rank,
+                          world_size=world)
+        batches = list(ld)
+        assert len(batches) == len(ld) == -(-len(val_range(n, rank=rank, world_size=world)) // 4)
+        seen += [x for xs, _ in batches for x in xs]
+    assert len(seen) == n
+    assert torch.equal(torch.stack(seen), single)  # each image once, in order
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_loader_follows_train_shards(demo, backend):
     _, labels, _ = list_samples(demo, "train")
     seen = []

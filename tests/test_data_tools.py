@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_data_faults import make_unreadable
+from test_data_odd_files import odd_bytes
 
+from ran_bench import data
 from ran_bench.cli import main
-from ran_bench.data import list_samples
+from ran_bench.data import UnreadableFileError, build_loader, list_samples
+
+needs_dali = pytest.mark.skipif(not data.dali_available(), reason="NVIDIA DALI is not installed")
 
 
 def _demo(out: Path, *extra: str) -> int:
@@ -112,20 +118,65 @@ def test_prepare_val_rejects_a_sorted_synset_list(tmp_path, capsys):
     assert len(list(val.glob("*.JPEG"))) == 2  # nothing moved
 
 
+def _loaders_replace(root: Path, backend: str) -> list[str]:
+    """The files a loader replaces by a flat image over one pass of train (batch 1: nothing dropped) and val."""
+    bad = []
+    for split in ("train", "val"):
+        ld = build_loader(root, split, size=24, batch_size=1, backend=backend, num_threads=1)
+        assert sum(len(y) for _, y in ld) == len(list_samples(root, split)[0])
+        bad += ld.bad_files
+    return sorted(bad)
 
 
-def test_verify_says_dali_blanks_a_gif_named_jpeg(tmp_path, capsys):
-    from PIL import Image
-
-    assert _demo(tmp_path / "d") == 0
-    gif = tmp_path / "d" / "train" / "circle" / "animated.JPEG"
-    Image.new("RGB", (24, 24), (200, 10, 10)).save(gif, "GIF")
+@pytest.mark.parametrize("use_dali", [pytest.param(True, marks=needs_dali), False])
+def test_verify_gives_each_loaders_verdict(tmp_path, capsys, use_dali):
+    """What verify says each loader does is what it does: a text file and an empty file named
+    .JPEG are replaced by both, a GIF named .JPEG by DALI only (PIL reads GIF); a dangling
+    symlink is called a broken symlink and ignored by both. With DALI installed the DALI verdict
+    comes from decoding with DALI; without (--no-dali), from the file format."""
+    root = tmp_path / "d"
+    assert _demo(root) == 0
+    for split in ("train", "val"):
+        for kind in ("text", "gif", "empty"):
+            (root / split / "circle" / f"zz_{kind}.JPEG").write_bytes(odd_bytes(kind))
+    (root / "val" / "square" / "zz_link.JPEG").symlink_to(root / "val" / "square" / "gone.JPEG")
     capsys.readouterr()
-    assert main(["data", "verify", str(tmp_path / "d"), "--workers", "1"]) == 0
+    flags = [] if use_dali else ["--no-dali"]
+    assert main(["data", "verify", str(root), "--workers", "1", "--json", str(tmp_path / "v.json"), *flags]) == 0
     out = capsys.readouterr().out
-    assert "1 dali_unsupported: a format DALI's decoder cannot read" in out and str(gif) in out
-    assert "the DALI loader replaces it by a flat image" in out
-    assert "wrong_format" not in out
+    report = json.loads((tmp_path / "v.json").read_text())
+    expected = {"torchvision": sorted(str(root / s / "circle" / f"zz_{k}.JPEG") for s in ("train", "val")
+                                      for k in ("text", "empty")),
+                "dali": sorted(str(root / s / "circle" / f"zz_{k}.JPEG") for s in ("train", "val")
+                               for k in ("text", "gif", "empty"))}
+    assert report["replaced"] == expected
+    for backend in ("torchvision", "dali") if data.dali_available() else ("torchvision",):
+        assert _loaders_replace(root, backend) == expected[backend], backend
+    assert ("result: usable for training: the torchvision loader replaces 4 files by a flat image, "
+            "the DALI loader 6") in out
+    assert ("decoded every file with DALI" if use_dali else "judged by the file format") in out
+    assert "2 empty: zero-byte file; both loaders replace it" in out
+    assert "2 dali_unsupported: PIL decodes it, DALI cannot" in out and "wrong_format" not in out
+    assert "1 broken_symlink: symbolic link to nothing" in out and str(root / "val" / "square" / "zz_link.JPEG") in out
+    assert "stray" not in out
+
+
+def test_verify_fails_on_an_unreadable_file_as_both_loaders_do(tmp_path, capsys):
+    """A file that cannot be read stops both loaders (a file-system fault), so verify must call
+    it an error and exit non-zero, not "usable for training"."""
+    root = tmp_path / "d"
+    assert _demo(root) == 0
+    bad = list_samples(root, "train")[0][4]
+    make_unreadable(bad)
+    capsys.readouterr()
+    assert main(["data", "verify", str(root), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "1 unreadable: cannot be read" in out and f"{bad}  (Input/output error)" in out
+    assert f"ERROR: 1 unreadable file(s), e.g. {bad} (Input/output error); both loaders stop the run on them" in out
+    assert "result: training stops with both loaders, see ERROR lines" in out
+    for backend in ("torchvision", "dali") if data.dali_available() else ("torchvision",):
+        with pytest.raises(UnreadableFileError, match=f"cannot read {re.escape(bad)}"):
+            _loaders_replace(root, backend)
 
 
 def test_a_flat_val_folder_names_prepare_val(tmp_path, capsys):

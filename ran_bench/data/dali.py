@@ -9,10 +9,11 @@ zero padding + random crop) and flips at random. Both normalise with the ImageNe
 `crop_mirror_normalize`, in float32 or float16 (bfloat16 is converted from float32 on the device,
 DALI has no bfloat16 output), NCHW or NHWC (channels_last).
 
-Sharding: the reader gets the epoch's file list (`ran_bench.data.sampling`: the same order the
-torchvision backend reads) with `shard_id` = global rank and `num_shards` = world size. The
-training list is cut so all shards are equal and whole batches; validation pads the last batch
-in the reader and `LastBatchPolicy.PARTIAL` drops the padding, so every image counts once.
+Sharding: the training reader gets the epoch's file list (`ran_bench.data.sampling`: the same
+order the torchvision backend reads) with `shard_id` = global rank and `num_shards` = world size,
+cut so all shards are equal and whole batches. The validation reader gets only this rank's slice
+(`val_range`; DALI's reader refuses more shards than files, and a rank may have none), pads the
+last batch and `LastBatchPolicy.PARTIAL` drops the padding, so every image counts once.
 
 Resuming: pipelines are built with `enable_checkpointing=True`; `state_dict()` asks the
 iterator for its checkpoint (reader position and every random generator) of the last batch
@@ -20,20 +21,27 @@ handed out, and a loader that loads it rebuilds the pipeline from it, so the nex
 same images and the same crops as the uninterrupted run. A state without a DALI checkpoint (saved
 by the torchvision backend) is reached by running the pipeline up to its position.
 
-Unreadable files. Measured with DALI 2.4 on the CPU pipeline: a truncated or non-image file (or
-a format nvImageCodec lacks, such as GIF) makes `run()` raise `RuntimeError` ("Error in CPU
-operator `nvidia.dali.fn.decoders.image` ... nvImageCodec failure") without naming the file, and
-the pipeline declares itself invalid; a file that cannot be read fails in
-`nvidia.dali.fn.readers.file` instead ("File mapping failed: PATH"). Grayscale and CMYK JPEGs
-decode to RGB and a PNG named .JPEG decodes (the decoder sniffs the format). Checking every file
-up front would cost a full decode of the data set per run, so instead, only for a decoder
-failure: the candidate files (the batches the pipeline may have had in flight) are bisected
-with small CPU pipelines of the same decoder (and a full decode, since a random crop can miss
-the broken part of a file) to find the broken ones; each must still be readable from Python
-(else the original error is raised: a file-system fault, not a bad image); they are replaced in
-the file list by a flat mean-colour JPEG (zero after normalisation, same label), and the
-pipeline is rebuilt from the last recovery checkpoint. The file is logged and listed in
-`loader.bad_files`. Reader errors, and more than half a batch of undecodable files, raise.
+Unreadable files. Measured with DALI 2.4 on the CPU pipeline: DALI's decoders crash the process
+(segfault, in about half of the runs) on a file whose header they cannot parse (a text file, a
+GIF, an empty file, random bytes), while `fn.peek_image_shape` raises a clean `RuntimeError` for
+all of them; so every decoder's input is made to depend on peek's output (`_checked`), and no
+header reaches a decoder unparsed. A file truncated after its header passes peek and makes the
+decoder raise. Neither error names the file reliably, and the pipeline declares itself invalid.
+The reader reads with plain file I/O (`dont_use_mmap`): an empty file then reaches peek like any
+other bad image, instead of failing the reader's memory mapping; a file that cannot be read fails
+in `nvidia.dali.fn.readers.file`. Grayscale and CMYK JPEGs decode to RGB and a PNG named .JPEG
+decodes (the decoder sniffs the format). Checking every file up front would cost a full decode
+of the data set per run, so instead, only for a peek or decoder failure: the candidate files
+(the batches the pipeline may have had in flight) are bisected with small CPU pipelines of the
+same ops (and a full decode, since a random crop can miss the broken part of a file) to find the
+broken ones; each must still be readable from Python (else UnreadableFileError: a file-system
+fault, not a bad image); they are replaced in the file list by a flat mean-colour JPEG (zero
+after normalisation, same label), and the pipeline is rebuilt from the last recovery checkpoint.
+The file is logged and listed in `loader.bad_files`. A reader error raises UnreadableFileError
+naming the file, and more than half a batch of undecodable files raises UnreadableImagesError.
+A failed pipeline is freed at once (the error's traceback frames are cleared): left in a
+reference cycle, it could be garbage-collected in a process forked later (a torchvision
+DataLoader worker), where DALI's destructor deadlocks.
 """
 
 from __future__ import annotations
@@ -41,15 +49,25 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import traceback
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
 
 from ran_bench.data.folder import MEAN_255, STD_255
-from ran_bench.data.sampling import LoaderBase, check_bad_share, train_order, train_per_rank, val_range
+from ran_bench.data.sampling import (
+    LoaderBase,
+    UnreadableFileError,
+    check_bad_share,
+    read_fault,
+    train_order,
+    train_per_rank,
+    val_range,
+)
 from ran_bench.data.torchvision_loader import CIFAR_PAD, RATIO, SCALE, val_resize_size
 
 log = logging.getLogger("ran_bench.data")
@@ -60,7 +78,8 @@ PREFETCH = 2  # DALI's default prefetch_queue_depth
 # batches are decoded again after an unreadable file, and `checkpoints()` (whose cost the DALI
 # docs warn about) is not called after every batch.
 RECOVERY_EVERY = 32
-DECODER_OP = "nvidia.dali.fn.decoders."  # how DALI names a decoder in its error messages
+# How DALI names the ops that parse image bytes in its error messages.
+IMAGE_OPS = ("nvidia.dali.fn.decoders.", "nvidia.dali.fn.peek_image_shape")
 
 
 def _placeholder_jpeg(owner: object, size: int) -> str:
@@ -72,9 +91,27 @@ def _placeholder_jpeg(owner: object, size: int) -> str:
     return str(path)
 
 
+def _read(files: list[str], **kwargs):
+    """`fn.readers.file` with plain file I/O, so an empty file is a bad image, not a reader error."""
+    from nvidia.dali import fn
+
+    return fn.readers.file(files=files, random_shuffle=False, dont_use_mmap=True, **kwargs)
+
+
+def _checked(jpegs):
+    """`jpegs` passed on only once `fn.peek_image_shape` has parsed every header of the batch: a
+    reshape to their own shape plus 0 x the peeked height makes the decoder wait for peek, which
+    raises cleanly where DALI 2.4's decoders can crash the process (see the module docstring)."""
+    from nvidia.dali import fn
+
+    height = fn.peek_image_shape(jpegs)[0]
+    return fn.reshape(jpegs, shape=jpegs.shape() + height * 0)
+
+
 def _decode(jpegs, *, train: bool, augmentation: str, device: str):
-    """The pipeline's decoder op: a random-crop decoder for ImageNet training, a full decode
-    otherwise. Shared with `find_undecodable`, which must test files with the same op."""
+    """The pipeline's decoder op on `_checked` bytes: a random-crop decoder for ImageNet
+    training, a full decode otherwise. Shared with `find_undecodable`, which must test files with
+    the same op."""
     from nvidia.dali import fn, types
 
     if train and augmentation == "imagenet":
@@ -94,10 +131,10 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
 
     @pipeline_def(enable_checkpointing=True)
     def pipeline():
-        jpegs, label = fn.readers.file(
-            files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=False, stick_to_shard=True, pad_last_batch=not train, name=READER)
-        images = _decode(jpegs, train=train, augmentation=augmentation, device="mixed" if gpu else "cpu")
+        jpegs, label = _read(files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+                             stick_to_shard=True, pad_last_batch=not train, name=READER)
+        # peek and reshape run on the CPU bytes in both cases; only the decoder is mixed
+        images = _decode(_checked(jpegs), train=train, augmentation=augmentation, device="mixed" if gpu else "cpu")
         mirror = fn.random.coin_flip(probability=0.5) if train else 0
         if augmentation == "cifar":
             images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -127,17 +164,40 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
     return pipe
 
 
+def dali_version() -> str:
+    """The installed DALI's version (DALI is imported only when a pipeline is needed)."""
+    from nvidia.dali import __version__
+
+    return __version__
+
+
 def is_decoder_error(error: BaseException) -> bool:
-    """True when a DALI pipeline error comes from decoding an image (not from reading a file)."""
-    return DECODER_OP in str(error)
+    """True when a DALI pipeline error comes from parsing or decoding an image (not from reading
+    a file)."""
+    return any(op in str(error) for op in IMAGE_OPS)
+
+
+def reader_fault(error: BaseException, paths: list[str]) -> UnreadableFileError | None:
+    """The UnreadableFileError behind a DALI reader `error` among `paths`: the first one Python
+    cannot read either, else the one DALI's message names (with DALI's words as the cause)."""
+    for path in paths:
+        fault = read_fault(path)
+        if fault is not None:
+            return fault
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    for path in paths:
+        named = [ln for ln in lines if path in ln]
+        if named:
+            return UnreadableFileError(path, f"DALI's reader: {named[0]}")
+    return None
 
 
 def find_undecodable(paths: list[str], *, train: bool = False, augmentation: str = "imagenet",
                      num_threads: int = 1) -> list[str]:
     """The files among `paths` that the loader's decoder cannot decode, found by bisection with
-    small CPU pipelines. A file counts as undecodable when the pipeline's decoder op fails on it
-    or a full decode does (a random crop can miss the broken part of a truncated file). Errors
-    that are not decoding errors (a file that cannot be read) propagate."""
+    small CPU pipelines. A file counts as undecodable when `fn.peek_image_shape` or the
+    pipeline's decoder op fails on it, or a full decode does (a random crop can miss the broken
+    part of a truncated file). A file that cannot be read raises UnreadableFileError."""
     from nvidia.dali import fn, pipeline_def, types
 
     def decodes(part: list[str]) -> bool:
@@ -145,7 +205,8 @@ def find_undecodable(paths: list[str], *, train: bool = False, augmentation: str
 
         @pipeline_def(batch_size=bs, num_threads=num_threads, device_id=None, seed=0)
         def probe():
-            data, _ = fn.readers.file(files=part, pad_last_batch=True)
+            data, _ = _read(part, pad_last_batch=True)
+            data = _checked(data)
             same = _decode(data, train=train, augmentation=augmentation, device="cpu")
             if train and augmentation == "imagenet":
                 return same, fn.decoders.image(data, device="cpu", output_type=types.RGB)
@@ -157,8 +218,12 @@ def find_undecodable(paths: list[str], *, train: bool = False, augmentation: str
             for _ in range(-(-len(part) // bs)):
                 pipe.run()
         except RuntimeError as e:
+            traceback.clear_frames(e.__traceback__)  # `del pipe` then frees it, see the module docstring
             if not is_decoder_error(e):
-                raise
+                fault = reader_fault(e, part)
+                if fault is None:
+                    raise
+                raise fault from e
             return False
         finally:
             del pipe
@@ -207,12 +272,16 @@ class DaliLoader(LoaderBase):
         self._placeholder: str | None = None
 
     # -- the epoch's file list and pipeline ------------------------------------------------------
-    def _epoch_lists(self) -> tuple[list[str], list[int]]:
+    def _reader_lists(self) -> tuple[list[str], list[int], int, int, int]:
+        """(files, labels, shard_id, num_shards) of the reader and the position of this rank's
+        first sample in `files`."""
         if self.train:
             order = train_order(len(self.files), world_size=self.world_size, seed=self.seed,
                                 epoch=self.epoch, batch_size=self.batch_size)
-            return [self.files[i] for i in order], [self.labels[i] for i in order]
-        return self.files, self.labels
+            return ([self.files[i] for i in order], [self.labels[i] for i in order], self.rank,
+                    self.world_size, self.rank * self.num_samples)
+        mine = val_range(len(self.files), rank=self.rank, world_size=self.world_size)
+        return self.files[mine.start:mine.stop], self.labels[mine.start:mine.stop], 0, 1, 0
 
     def _pipeline_seed(self) -> int:
         # Different crops per epoch and per rank, reproducible from the loader's seed.
@@ -222,10 +291,10 @@ class DaliLoader(LoaderBase):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        files, labels = self._epoch_lists()
+        files, labels, shard_id, num_shards, _ = self._reader_lists()
         pipe = _build_pipeline(
             files, labels, train=self.train, size=self.size, batch_size=self.batch_size,
-            shard_id=self.rank, num_shards=self.world_size, num_threads=self.num_threads,
+            shard_id=shard_id, num_shards=num_shards, num_threads=self.num_threads,
             seed=self._pipeline_seed(), device_id=self.device_id, channels_last=self.channels_last,
             fp16=self.dtype == torch.float16, augmentation=self.augmentation, checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
@@ -234,7 +303,7 @@ class DaliLoader(LoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._begin()
-        if start >= len(self):  # resumed at the end of the epoch: nothing left to decode
+        if start >= len(self):  # resumed at the end of the epoch, or an empty validation shard
             return
         # The pipeline starts at `base` (batch `base_pos`): a DALI checkpoint of a resume, else the
         # epoch's start, from where the batches before `start` are run and dropped (a state saved
@@ -253,6 +322,7 @@ class DaliLoader(LoaderBase):
                 break
             except RuntimeError as e:
                 self._it = it = None
+                traceback.clear_frames(e.__traceback__)  # frees the failed pipeline now, see the module docstring
                 self._replace_bad_files(e, pos)  # raises unless the error was a few undecodable files
                 continue
             pos += 1
@@ -274,17 +344,20 @@ class DaliLoader(LoaderBase):
 
     def _replace_bad_files(self, error: RuntimeError, pos: int) -> None:
         """Find the undecodable files among those the pipeline failing at batch `pos` may have
-        been reading and swap them for the placeholder; re-raise `error` when it is not a
-        decoding error, when no such file is found or when one cannot even be read (a
-        file-system fault), and raise UnreadableImagesError when more than half a batch fails."""
-        if not is_decoder_error(error):
-            raise error
-        files, _ = self._epoch_lists()
-        lo = self._shard_start() + pos * self.batch_size
+        been reading and swap them for the placeholder. Raise UnreadableFileError for a file that
+        cannot be read (a reader error, or an undecodable file that Python cannot read either: a
+        file-system fault), UnreadableImagesError when more than half a batch fails, and `error`
+        itself when it is neither a reader nor a decoding error of these files."""
+        files, _, _, _, first = self._reader_lists()
+        lo = first + pos * self.batch_size
         hi = lo + (PREFETCH + 2) * self.batch_size
-        shard_end = self._shard_start() + self.num_samples
-        window = files[lo:min(hi, shard_end)]  # whole batches from `pos` on
+        window = files[lo:min(hi, first + self.num_samples)]  # whole batches from `pos` on
         candidates = sorted(set(window) - {self._placeholder})
+        if not is_decoder_error(error):
+            fault = reader_fault(error, candidates)
+            if fault is None:
+                raise error
+            raise fault from error
         lines = [ln.strip() for ln in str(error).splitlines() if "failure" in ln or "Error in" in ln]
         log.warning("DALI pipeline failed (%s); looking for undecodable files among %d candidates",
                     " ".join(lines)[:300] or type(error).__name__, len(candidates))
@@ -292,12 +365,10 @@ class DaliLoader(LoaderBase):
                                num_threads=self.num_threads)
         if not bad:
             raise error
-        for path in bad:
-            try:
-                with open(path, "rb") as f:
-                    f.read()
-            except OSError as read_error:
-                raise error from read_error
+        for path in bad:  # e.g. an I/O error that DALI's reader returned as empty bytes
+            fault = read_fault(path)
+            if fault is not None:
+                raise fault from error
         bad_set = set(bad)
         for start in range(0, len(window), self.batch_size):  # the share is per batch, as in torchvision
             check_bad_share([f for f in window[start:start + self.batch_size] if f in bad_set], self.batch_size)
@@ -310,11 +381,6 @@ class DaliLoader(LoaderBase):
             self._placeholder = _placeholder_jpeg(self, self.size)
         replace = set(paths)
         self.files = [self._placeholder if f in replace else f for f in self.files]
-
-    def _shard_start(self) -> int:
-        if self.train:
-            return self.rank * self.num_samples
-        return val_range(len(self.files), rank=self.rank, world_size=self.world_size).start
 
     # -- resumable state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -49,6 +49,14 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
+def is_regular_file(entry: os.DirEntry) -> bool:
+    """`entry.is_file()` (following symlinks), False for a symlink loop instead of raising."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def list_samples(root: str | os.PathLike, split: str) -> tuple[list[str], list[int], list[str]]:
     """`(files, labels, classes)` of one split: files sorted by (wnid, file name), labels = class
     indices, classes = sorted training wnids. Sample index i everywhere means `files[i]`."""
@@ -66,11 +74,11 @@ def list_samples(root: str | os.PathLike, split: str) -> tuple[list[str], list[i
     files: list[str] = []
     labels: list[int] = []
     for c in present:
-        names = sorted(e.name for e in os.scandir(split_dir / c) if e.is_file() and is_image_name(e.name))
+        names = sorted(e.name for e in os.scandir(split_dir / c) if is_regular_file(e) and is_image_name(e.name))
         files.extend(str(split_dir / c / n) for n in names)
         labels.extend([index[c]] * len(names))
     if not files:
-        flat = any(e.is_file() and is_image_name(e.name) for e in os.scandir(split_dir))
+        flat = any(is_regular_file(e) and is_image_name(e.name) for e in os.scandir(split_dir))
         raise DatasetLayoutError(
             f"{split_dir} has no images in class folders (expected {split_dir}/<wnid>/*.JPEG)" + (
                 f"; its images lie directly in it, as in the flat ILSVRC2012 validation folder: run "

@@ -26,6 +26,30 @@ class UnreadableImagesError(UserError, RuntimeError):
     the odd corrupt file that the loaders replace by a flat image."""
 
 
+class UnreadableFileError(UserError, OSError):
+    """A listed file that cannot be read (no permission, I/O error, vanished): a file-system fault
+    that stops the run, unlike an image whose bytes do not decode."""
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(f"cannot read {path} ({cause}): a file-system fault, not a bad image; restore the file "
+                         f"(fix the file system or copy it back), then start the same command again to resume")
+        self.path = path
+        self.cause = cause
+
+    def __reduce__(self):  # OSError's pickling would pass the message as the only argument
+        return type(self), (self.path, self.cause)
+
+
+def read_fault(path: str) -> UnreadableFileError | None:
+    """The error of reading all of `path` from Python, or None when it reads."""
+    try:
+        with open(path, "rb") as f:
+            f.read()
+    except OSError as e:
+        return UnreadableFileError(path, e.strerror or str(e))
+    return None
+
+
 def check_bad_share(bad: list[str], batch_size: int) -> None:
     """Raise UnreadableImagesError when `bad` (undecodable files found together) is more than
     half a batch: blanking them would train on flat images without anyone noticing."""

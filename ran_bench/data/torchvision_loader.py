@@ -14,15 +14,15 @@ a resumed epoch sees the same crops as the uninterrupted one.
 
 Unreadable files: an image whose bytes cannot be decoded (truncated, corrupt, not an image)
 becomes a flat mean-colour image and is listed in `loader.bad_files`; a file that cannot be
-*read* (missing, no permission, I/O error) raises, since that is a file-system fault and not a
-bad image, and so does a batch in which most images fail to decode.
+*read* (missing, no permission, I/O error) raises UnreadableFileError, since that is a file-system
+fault and not a bad image, and so does a batch in which most images fail to decode.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from PIL import Image
@@ -31,7 +31,15 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
 from ran_bench.data.folder import MEAN_255, STD_255
-from ran_bench.data.sampling import LoaderBase, check_bad_share, train_indices, train_per_rank, val_range
+from ran_bench.data.sampling import (
+    LoaderBase,
+    UnreadableFileError,
+    check_bad_share,
+    train_indices,
+    train_per_rank,
+    val_range,
+)
+from ran_bench.preemption import ignore_stop_signals, starting_workers
 
 log = logging.getLogger("ran_bench.data")
 
@@ -65,10 +73,11 @@ def _aug_seed(seed: int, epoch: int, index: int) -> int:
 class ImageFiles(Dataset):
     """Decodes `files[i]` to a 3-channel uint8 CHW tensor with the train or val transform.
 
-    Keys are `(index, aug_seed)`. Returns `(image, label, index, ok)`; a file whose bytes do not
-    decode gives a flat mean-colour image (zero after normalisation) with its label and
-    `ok=False`, so one bad file costs one meaningless sample instead of the run. Errors reading
-    the file propagate.
+    Keys are `(index, aug_seed)`. Returns `(image, label, index, ok, read_error)`; a file whose
+    bytes do not decode gives a flat mean-colour image (zero after normalisation) with its label
+    and `ok=False`, so one bad file costs one meaningless sample instead of the run. A file that
+    cannot be read gives the same with `read_error` = the cause, which the loader raises as
+    UnreadableFileError (a worker's own exception would reach the user as a multi-line traceback).
     """
 
     def __init__(self, files: list[str], labels: list[int], size: int, train: bool,
@@ -114,8 +123,11 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, aug_seed = key
-        with open(self.files[index], "rb") as f:  # a read error is the file system's: it propagates
-            data = f.read()
+        try:
+            with open(self.files[index], "rb") as f:
+                data = f.read()
+        except OSError as e:  # returned, not raised: the main process raises one clean error for it
+            return self._flat(), self.labels[index], index, False, e.strerror or str(e)
         try:
             with Image.open(io.BytesIO(data)) as im:
                 img = im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
@@ -124,15 +136,18 @@ class ImageFiles(Dataset):
             # the file system: truncated data, a corrupt header, or a header claiming a size past
             # PIL's DecompressionBombError limit (a plain Exception, not an OSError).
             log.debug("cannot decode %s: %s", self.files[index], e)
-            out = torch.tensor([round(m) for m in MEAN_255], dtype=torch.uint8).view(3, 1, 1)
-            return out.expand(3, self.size, self.size).contiguous(), self.labels[index], index, False
-        return self._transform(img, aug_seed), self.labels[index], index, True
+            return self._flat(), self.labels[index], index, False, ""
+        return self._transform(img, aug_seed), self.labels[index], index, True, ""
+
+    def _flat(self) -> torch.Tensor:
+        out = torch.tensor([round(m) for m in MEAN_255], dtype=torch.uint8).view(3, 1, 1)
+        return out.expand(3, self.size, self.size).contiguous()
 
 
 class _KeySampler(Sampler):
     """Yields `(index, aug_seed)` for the loader's current epoch, from its start position."""
 
-    def __init__(self, loader: "TorchvisionLoader"):
+    def __init__(self, loader: TorchvisionLoader):
         self.loader = loader
 
     def __len__(self) -> int:
@@ -172,7 +187,7 @@ class TorchvisionLoader(LoaderBase):
             ImageFiles(files, labels, size, self.train, augmentation), batch_size=batch_size,
             sampler=_KeySampler(self), num_workers=num_threads, drop_last=self.train,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if num_threads > 0 else None)
+            prefetch_factor=4 if num_threads > 0 else None, worker_init_fn=ignore_stop_signals)
 
     def _epoch_indices(self) -> list[int] | range:
         if self.train:
@@ -183,7 +198,12 @@ class TorchvisionLoader(LoaderBase):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self._begin()
         self._start_sample = start * self.batch_size
-        for images, labels, index, ok in self._loader:
+        with starting_workers():  # the workers start here
+            batches = iter(self._loader)
+        for images, labels, index, ok, read_errors in batches:
+            for i, cause in zip(index.tolist(), read_errors):
+                if cause:
+                    raise UnreadableFileError(self.files[i], cause)
             if not bool(ok.all()):
                 bad = [self.files[i] for i in index[~ok].tolist()]
                 check_bad_share(bad, self.batch_size)
