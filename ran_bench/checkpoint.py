@@ -7,18 +7,22 @@ the step and epoch, and for every rank its RNG states and data-loader position, 
 exact resume needs. The main process writes it atomically (temporary file in the same folder,
 fsync, rename, fsync of the folder): a crash leaves the previous checkpoint or the new one,
 never a half-written file under a checkpoint's name. The newest `keep_last` are kept;
-an unreadable one found on resume is renamed aside (`load_latest`).
+an unreadable one found on resume is renamed aside (`load_latest`). `Checkpoint` is the file's
+schema: every writer and reader goes through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
 import random
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +47,55 @@ class CheckpointUnavailable(CheckpointError):
     checkpoint instead would silently throw away the steps since then."""
 
 
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file (format VERSION): all the trainer needs to continue
+    bitwise, and all results.json reports about the training run, whichever machine writes it."""
+
+    step: int
+    epoch: int
+    epochs: float  # images seen / images per epoch
+    images_seen: int
+    world_size: int
+    num_classes: int
+    params: int
+    macs: int  # multiply-adds of one forward pass at macs_input_size
+    macs_input_size: int
+    # The training run, over all its segments (one per launch), as results.json reports it.
+    device_type: str
+    device_name: str
+    precision: str
+    elapsed_s: float
+    device_seconds: float
+    train_images: int
+    train_seconds: float
+    skipped_files: list[str]  # training files replaced by a flat image, all ranks
+    # Exact resume: the states, and per rank its RNG states, loader position, bad files and the
+    # loss window not yet logged ({"rng", "data", "bad_files", "window"}).
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    ranks: list[dict]
+    config: str  # the run's resolved YAML config
+    eval_due: bool = False  # stopped by a signal at a step whose evaluation the resumed run owes
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: it deep-copies every tensor of the model and optimizer states.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], where: str) -> Checkpoint:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in state
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise CheckpointError(f"{where}: a ran-bench checkpoint without {', '.join(missing)}; it was not "
+                                  "written by the trainer")
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step:08d}.pt"
 
@@ -56,17 +109,17 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Write `state` as the checkpoint of `step` atomically, then delete all but the newest
+def save_checkpoint(ckpt_dir: str | os.PathLike, checkpoint: Checkpoint, keep_last: int) -> Path:
+    """Write `checkpoint` as the file of its step atomically, then delete all but the newest
     `keep_last` checkpoints. Call on the main process only. A file system that refuses the write
     (full, read-only) raises a StorageError; the temporary file is removed and the checkpoints
     already there are left as they were."""
     ckpt_dir = Path(ckpt_dir)
-    path = checkpoint_path(ckpt_dir, step)
+    path = checkpoint_path(ckpt_dir, checkpoint.step)
     # Serialised in memory first: a full disk is then one OSError from a plain write, not torch's
     # zip writer failing half-way through (ENOSPC, then a RuntimeError of its own).
     data = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **state}, data)
+    torch.save({"format": FORMAT, "version": VERSION, **checkpoint.to_dict()}, data)
     try:
         with storage_errors(f"write {path}"):
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +138,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, state: dict[str, Any
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint (tensors to CPU) with `weights_only=True`; CheckpointError names the file."""
     path = Path(path)
     # Read the bytes first: an error here is the file system's (EIO, ESTALE, EACCES), while every
@@ -120,11 +173,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointUnavailable(f"{path}: checkpoint format version {state.get('version')!r}, this "
                               f"ran-bench reads version {VERSION}; resume it with the ran-bench version that wrote "
                               f"it, or start the run again in a new run directory")
-    return state
+    return Checkpoint.from_dict(state, str(path))
 
 
 def load_latest(ckpt_dir: str | os.PathLike, warn: Callable[[str], None] = log.warning
-                ) -> tuple[Path, dict[str, Any]] | None:
+                ) -> tuple[Path, Checkpoint] | None:
     """The newest readable checkpoint of a folder and its state, or None when there is none.
 
     An unreadable newer file is reported through `warn`, renamed to `step_XXXXXXXX.pt.corrupt`
@@ -157,6 +210,20 @@ def load_latest(ckpt_dir: str | os.PathLike, warn: Callable[[str], None] = log.w
         raise CheckpointError(f"no readable checkpoint in {ckpt_dir}:\n  " + "\n  ".join(m for _, m in errors)
                               + "\nmove the folder away to start the run from scratch")
     return None
+
+
+def find_checkpoint(path: str | os.PathLike, warn: Callable[[str], None] = log.warning
+                    ) -> tuple[Path, Checkpoint, Path | None]:
+    """The checkpoint a command is pointed at: a run directory's newest readable checkpoint, or a
+    checkpoint file. Returns (file, checkpoint, its run directory, or None for a file outside one)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = load_latest(path / "checkpoints", warn=warn)
+        if latest is None:
+            raise CheckpointError(f"{path / 'checkpoints'} has no checkpoint; is {path} a ran-bench run directory?")
+        return latest[0], latest[1], path
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return path, load_checkpoint(path), run_dir
 
 
 def rng_state() -> dict[str, Any]:

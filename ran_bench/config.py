@@ -241,14 +241,11 @@ def _describe(e: OmegaConfBaseException, where: str, schema, overrides) -> str:
 
 def validate(cfg: Config, where: str = "config", world_size: int | None = None) -> None:
     """Cross-field checks. With `world_size` (at run time), also that the global batch splits over
-    the devices and that a data root is set."""
-    from ran_bench.models import list_models
-
+    the devices and that a data root is set. Whether `model.name` is registered is checked where the
+    model is built (`ran_bench.models.create_model` names the known ones)."""
     def fail(message: str):
         raise ConfigError(f"{where}: {message}")
 
-    if cfg.model.name not in list_models():
-        fail(f"model.name: unknown model {cfg.model.name!r}; known models: {', '.join(sorted(list_models()))}")
     o, s = cfg.optim, cfg.schedule
     for key, value in [("optim.global_batch_size", o.global_batch_size),
                        ("optim.per_device_batch_size", o.per_device_batch_size),
@@ -313,24 +310,6 @@ def _select(values: dict, key: str):
     for part in key.split("."):
         values = values[part]
     return values
-
-
-def mixed_precision(cfg: Config, device_type: str) -> str:
-    """Accelerate's `mixed_precision` ("no", "bf16" or "fp16") for `cfg.precision` on this device.
-
-    auto: bf16 where the GPU has bf16 hardware (compute capability 8+); V100s and T4s only emulate
-    it, slowly, so they get fp16 with a gradient scaler; fp32 on CPU. fp16 needs CUDA: Accelerate
-    silently trains in fp32 on CPU, and the run would be recorded as fp16."""
-    import torch
-
-    if cfg.precision is Precision.auto:
-        if device_type != "cuda":
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if cfg.precision is Precision.fp16 and device_type != "cuda":
-        raise ConfigError(f"precision=fp16 needs a CUDA GPU (this run is on {device_type}, where it would silently "
-                          f"train in fp32); use precision=fp32 or precision=auto")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -19,18 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator, PartialState
+from torchmetrics.classification import MulticlassAccuracy
 
+from ran_bench import metrics
+from ran_bench.checkpoint import Checkpoint, checkpoint_path, find_checkpoint
+from ran_bench.config import Config, config_from_yaml
+from ran_bench.data import build_loader
 from ran_bench.errors import StorageError
-from ran_bench.fileio import append_text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="a run directory (its newest good checkpoint) or a checkpoint file")
-    parser.add_argument("--size", type=int, action="append",
-                        help="test size in pixels, repeatable (default: the config's data.test_sizes)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.root=/data/imagenet eval.batch_size=50")
+from ran_bench.fileio import write_json_atomic
+from ran_bench.models import create_model
+from ran_bench.results import Evaluation, ResultsError, load_results, run_results
+from ran_bench.runtime import accelerate_precision, device_name, resolve_backend, resolve_precision
 
 
 @torch.no_grad()
@@ -40,8 +40,6 @@ def evaluate(accelerator, model: nn.Module, loader, num_classes: int) -> dict:
 
     `model` is the plain module (not DDP-wrapped): ranks run different numbers of batches, and
     DDP's forward may start collectives. Every rank must call this (compute() synchronises)."""
-    from torchmetrics.classification import MulticlassAccuracy
-
     device = accelerator.device
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
@@ -76,6 +74,15 @@ def sync_buffers(model: nn.Module) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+def evaluation_record(result: dict, device: torch.device, precision: str) -> Evaluation:
+    """An `evaluate` result (with its size and step added) as the `Evaluation` of results.json,
+    naming the device it ran on."""
+    return Evaluation(size=result["size"], top1_err=result["top1_err"], top5_err=result["top5_err"],
+                      num_samples=result["num_samples"], step=result["step"],
+                      skipped_images=result["skipped_images"], device_type=device.type,
+                      device_name=device_name(device), precision=precision)
+
+
 def main(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint and record the result in its run directory. A bad path, checkpoint,
     config or data root raises a UserError, which the command line prints as one line with exit
@@ -88,75 +95,65 @@ def main(args: argparse.Namespace) -> int:
     evaluation on other data than the run's (overrides of data.root, data.name or
     data.augmentation) goes to RUN_DIR/evals/<data folder>-<hash>/step_XXXXXXXX.json and nowhere
     else. A run directory that cannot be written gets the result printed, then a StorageError."""
-    from accelerate import Accelerator, PartialState
-
-    from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
-    from ran_bench.config import config_from_yaml, mixed_precision
-    from ran_bench.data import build_loader
-    from ran_bench.models import create_model
-    from ran_bench.train import _backend, _evaluation, _precision_name
-
-    path = Path(args.path)
-    if path.is_dir():
-        run_dir = path
-        latest = load_latest(path / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-        if latest is None:
-            raise CheckpointError(f"{path / 'checkpoints'} has no checkpoint; is {path} a ran-bench run directory?")
-        ckpt_path, ckpt = latest
-    else:
-        ckpt_path, ckpt = path, load_checkpoint(path)
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    cfg = config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)", args.overrides)
-
+    ckpt_path, ckpt, run_dir = find_checkpoint(args.path, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    cfg = config_from_yaml(ckpt.config, f"{ckpt_path} (embedded config)", args.overrides)
     cpu = not torch.cuda.is_available()  # see ran_bench.train: CPU processes as MULTI_CPU (gloo)
-    precision = mixed_precision(cfg, PartialState(cpu=cpu).device.type)
+    precision = resolve_precision(cfg.precision.name, PartialState(cpu=cpu).device.type)
     if not cpu:
         torch.backends.cudnn.benchmark = True  # fixed input size per test size, as in training and the benchmarks
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
-    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    num_classes = int(ckpt["num_classes"])
-    model = create_model(cfg.model.name, num_classes=num_classes, **cfg.model.options)
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
-    if cfg.model.channels_last:
-        model.to(memory_format=torch.channels_last)
-    step = int(ckpt["step"])
-    sizes = args.size or list(cfg.data.test_sizes)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=accelerate_precision(precision))
+    model = _model(cfg, ckpt, accelerator.device)
     evaluations = []
-    for size in sizes:
+    for size in args.size or list(cfg.data.test_sizes):
         loader = build_loader(cfg.data.root, "val", size=size, batch_size=cfg.eval.batch_size,
-                              backend=_backend(cfg, device), rank=rank, world_size=world_size,
+                              backend=resolve_backend(cfg.data.backend.name, accelerator.device),
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_threads=cfg.data.num_threads, seed=cfg.seed, channels_last=cfg.model.channels_last,
-                              device=device, num_classes=num_classes, augmentation=cfg.data.augmentation)
-        result = evaluate(accelerator, model, loader, num_classes)
-        result.update(size=size, step=step)
-        evaluations.append(_evaluation(result, device, _precision_name(precision)))
+                              device=accelerator.device, num_classes=ckpt.num_classes,
+                              augmentation=cfg.data.augmentation)
+        result = evaluate(accelerator, model, loader, ckpt.num_classes)
+        result.update(size=size, step=ckpt.step)
+        evaluations.append(evaluation_record(result, accelerator.device, precision))
         if accelerator.is_main_process:
             skipped = f", {result['skipped_images']} unreadable" if result["skipped_images"] else ""
-            print(f"{cfg.model.name} step {step} at {size} px: top-1 err {result['top1_err']:.2f}%, "
+            print(f"{cfg.model.name} step {ckpt.step} at {size} px: top-1 err {result['top1_err']:.2f}%, "
                   f"top-5 err {result['top5_err']:.2f}% over {result['num_samples']} images{skipped} ({ckpt_path})")
-
     if accelerator.is_main_process and run_dir is not None and (run_dir / "config.yaml").is_file():
-        other_data = _data_changes(config_from_yaml(ckpt["config"], f"{ckpt_path} (embedded config)"), cfg)
-        try:
-            if other_data:
-                print(f"updated {_save_other_data_evaluations(run_dir, step, ckpt_path, cfg, evaluations)} "
-                      f"(not the run's data: {'; '.join(other_data)}; the run's results.json is left as it is)")
-            else:
-                append_text(run_dir / "metrics.jsonl", "".join(
-                    json.dumps({"kind": "eval", "step": step, "size": e.size, "top1_err": e.top1_err,
-                                "top5_err": e.top5_err, "num_samples": e.num_samples}) + "\n" for e in evaluations))
-                print(f"updated {_record(run_dir, ckpt_path, ckpt, cfg, evaluations)}")
-        except StorageError as e:
-            raise StorageError(f"the result above was not recorded in {run_dir}: {e}; make the run directory "
-                               "writable (or copy it somewhere writable) and evaluate again") from e
+        _store(run_dir, ckpt_path, ckpt, cfg, evaluations)
     accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
 
-def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) -> Path:
+def _model(cfg: Config, ckpt: Checkpoint, device: torch.device) -> nn.Module:
+    """The checkpoint's model on `device`, built as the run built it."""
+    model = create_model(cfg.model.name, num_classes=ckpt.num_classes, **cfg.model.options)
+    model.load_state_dict(ckpt.model)
+    model.to(device)
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _store(run_dir: Path, ckpt_path: Path, ckpt: Checkpoint, cfg: Config, evaluations: list[Evaluation]) -> None:
+    """Record the evaluations in the run directory (see `main`) and say where."""
+    other_data = _data_changes(config_from_yaml(ckpt.config, f"{ckpt_path} (embedded config)"), cfg)
+    try:
+        if other_data:
+            print(f"updated {_save_other_data_evaluations(run_dir, ckpt.step, ckpt_path, cfg, evaluations)} "
+                  f"(not the run's data: {'; '.join(other_data)}; the run's results.json is left as it is)")
+        else:
+            metrics.append(run_dir, [metrics.eval_row(step=ckpt.step, size=e.size, top1_err=e.top1_err,
+                                                      top5_err=e.top5_err, num_samples=e.num_samples)
+                                     for e in evaluations])
+            print(f"updated {_record(run_dir, ckpt_path, ckpt, cfg, evaluations)}")
+    except StorageError as e:
+        raise StorageError(f"the result above was not recorded in {run_dir}: {e}; make the run directory "
+                           "writable (or copy it somewhere writable) and evaluate again") from e
+
+
+def _record(run_dir: Path, ckpt_path: Path, ckpt: Checkpoint, cfg: Config, evaluations: list[Evaluation]) -> Path:
     """Store `evaluations` of checkpoint `ckpt` in the run directory; returns the file written.
 
     results.json is the record of the run's newest weights: the checkpoint's evaluations replace
@@ -165,29 +162,23 @@ def _record(run_dir: Path, ckpt_path: Path, ckpt: dict, cfg, evaluations: list) 
     there is none, or when the run has trained past the record since (the old record's
     evaluations then move to evals/). An older checkpoint's evaluations go to
     RUN_DIR/evals/step_XXXXXXXX.json, as the same Evaluation objects."""
-    from ran_bench.checkpoint import checkpoint_path
-    from ran_bench.results import ResultsError, load_results
-    from ran_bench.train import build_results
-
-    step = int(ckpt["step"])
     try:
         results = load_results(run_dir)
     except ResultsError:
         results = None  # none yet (an interrupted run), or unreadable: rebuilt from the checkpoint
-    if results is not None and step < results.steps:
-        return _save_step_evaluations(run_dir, step, ckpt_path, evaluations)
-    if results is None or step > results.steps:
+    if results is not None and ckpt.step < results.steps:
+        return _save_step_evaluations(run_dir, ckpt.step, ckpt_path, evaluations)
+    if results is None or ckpt.step > results.steps:
         if results is not None and results.evaluations:
             _save_step_evaluations(run_dir, results.steps, checkpoint_path(run_dir / "checkpoints", results.steps),
                                    results.evaluations)
-        results = build_results(
-            cfg, num_classes=int(ckpt["num_classes"]), params=ckpt["params"], macs=ckpt["macs"],
-            macs_input_size=ckpt["macs_input_size"], step=step, images_seen=ckpt["images_seen"],
-            epochs=ckpt["epochs"], world_size=ckpt["world_size"], device_type=ckpt["device_type"],
-            device_name=ckpt["device_name"], precision=ckpt["precision"], wall_time_s=ckpt["elapsed_s"],
-            device_seconds=ckpt["device_seconds"], evaluations=[],
-            train_images_per_s=ckpt["train_images"] / ckpt["train_seconds"] if ckpt["train_seconds"] > 0 else None,
-            skipped_images=len(ckpt["skipped_files"]))
+        results = run_results(
+            cfg, num_classes=ckpt.num_classes, params=ckpt.params, macs=ckpt.macs,
+            macs_input_size=ckpt.macs_input_size, step=ckpt.step, images_seen=ckpt.images_seen, epochs=ckpt.epochs,
+            world_size=ckpt.world_size, device_type=ckpt.device_type, device_name=ckpt.device_name,
+            precision=ckpt.precision, wall_time_s=ckpt.elapsed_s, device_seconds=ckpt.device_seconds, evaluations=[],
+            train_images_per_s=ckpt.train_images / ckpt.train_seconds if ckpt.train_seconds > 0 else None,
+            skipped_images=len(ckpt.skipped_files))
     results.evaluations = _merge(results.evaluations, evaluations)
     results.save(run_dir / "results.json")
     return run_dir / "results.json"
@@ -197,8 +188,6 @@ def _save_step_evaluations(run_dir: Path, step: int, ckpt_path: Path, evaluation
                            folder: Path | None = None, **extra) -> Path:
     """Add `evaluations` (of the checkpoint of `step`) to step_XXXXXXXX.json in `folder`
     (default RUN_DIR/evals), with the `extra` fields."""
-    from ran_bench.results import Evaluation, write_json_atomic
-
     path = (folder or run_dir / "evals") / f"step_{step:08d}.json"
     kept = [Evaluation(**e) for e in json.loads(path.read_text())["evaluations"]] if path.is_file() else []
     write_json_atomic(path, {"checkpoint": str(ckpt_path), "step": step, **extra,

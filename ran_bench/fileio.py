@@ -1,16 +1,15 @@
-"""Atomic file writes and the provenance facts every record carries (git commit, device name)."""
+"""Atomic file writes, file-system errors as one line, and the git commit every record carries."""
 
 from __future__ import annotations
 
+import json
 import os
-import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
-
-import torch
+from typing import IO
 
 from ran_bench.errors import StorageError, os_error_text
 
@@ -90,15 +89,8 @@ def git_commit() -> str:
     return commit + ("-dirty" if status.stdout.strip() else "")
 
 
-def device_name(device: torch.device) -> str:
-    """GPU name on CUDA, the CPU model otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """`data` as indented JSON with sorted keys, written atomically."""
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

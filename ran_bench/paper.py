@@ -7,7 +7,7 @@ The CSV files are the single source of the paper's numbers; ran-bench is used fr
 from __future__ import annotations
 
 import csv
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 PAPER_DIR = Path(__file__).resolve().parent.parent / "reports" / "paper"
@@ -24,7 +24,7 @@ def _convert(value: str):
     return value
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_text(name: str) -> tuple[dict, ...]:
     path = PAPER_DIR / f"{name}.csv"
     if not path.is_file():
@@ -36,7 +36,7 @@ def _load_text(name: str) -> tuple[dict, ...]:
         return tuple(csv.DictReader(f))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> tuple[dict, ...]:
     return tuple({k: _convert(v) for k, v in row.items()} for row in _load_text(name))
 

@@ -10,10 +10,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+from ran_bench import __version__
+from ran_bench.config import Config
 from ran_bench.errors import UserError
-from ran_bench.fileio import atomic_write
+from ran_bench.fileio import git_commit, write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -97,10 +100,24 @@ class Results:
         write_json_atomic(Path(path), self.to_dict())
 
 
-def write_json_atomic(path: Path, data) -> None:
-    with atomic_write(path) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+def run_results(cfg: Config, *, num_classes: int, params: int, macs: int, macs_input_size: int, step: int,
+                images_seen: int, epochs: float, world_size: int, device_type: str, device_name: str,
+                precision: str, wall_time_s: float, device_seconds: float, evaluations: list[Evaluation],
+                train_images_per_s: float | None = None, infer_images_per_s: float | None = None,
+                skipped_images: int = 0) -> Results:
+    """The record of a run trained with `cfg` (the trainer's at the end, or `ran-bench eval`'s
+    from a checkpoint): the training fields describe the training run, whichever machine calls
+    this; each evaluation names where it ran."""
+    return Results(
+        model=cfg.model.name, dataset=cfg.data.name, data_root=str(cfg.data.root), num_classes=num_classes,
+        params=params, macs=macs, macs_input_size=macs_input_size, train_size=cfg.data.train_size,
+        augmentation=cfg.data.augmentation, evaluations=list(evaluations), steps=step, total_steps=cfg.total_steps,
+        images_seen=images_seen, epochs=epochs, global_batch_size=cfg.optim.global_batch_size,
+        world_size=world_size, device_type=device_type, device_name=device_name, precision=precision,
+        wall_time_s=wall_time_s, gpu_hours=device_seconds / 3600 if device_type == "cuda" else 0.0,
+        git_commit=git_commit(), label_noise=cfg.data.label_noise, train_images_per_s=train_images_per_s,
+        infer_images_per_s=infer_images_per_s, skipped_images=skipped_images, ran_bench_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def load_results(path: str | os.PathLike) -> Results:

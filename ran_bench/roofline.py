@@ -26,7 +26,7 @@ from torch.utils.flop_counter import flop_registry
 from ran_bench.config import Config, OptimConfig, load_config
 from ran_bench.errors import InputError
 from ran_bench.models import create_model, model_info
-from ran_bench.train import build_criterion, build_optimizer
+from ran_bench.recipe import build_criterion, build_optimizer
 
 KINDS = ("convolution", "matmul", "batch norm", "elementwise", "pooling/upsampling", "loss/other", "optimizer")
 

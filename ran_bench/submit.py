@@ -36,7 +36,11 @@ from typing import Any
 import submitit
 from submitit.core.utils import FailedJobError
 
+from ran_bench.config import load_config, validate
 from ran_bench.errors import InputError
+from ran_bench.models import model_info
+from ran_bench.preemption import REQUEUE_EXIT_CODE
+from ran_bench.slurm_env import placement, torch_env
 
 # Seconds between submitit's pre-timeout signal and the time limit: time to finish a step and
 # write a checkpoint of Attention-92 with its optimizer state on a slow shared file system.
@@ -46,33 +50,6 @@ STOP_TIMEOUT_S = 150
 # Time-outs (not preemptions) after which submitit stops requeueing: a 530k-step ImageNet run
 # over 24-hour limits needs a handful; more means the run is stuck.
 MAX_TIMEOUT_REQUEUES = 30
-REQUEUE_EXIT_CODE = 75  # ran_bench.train.REQUEUE_EXIT_CODE (not imported: it pulls in torch)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML training config, e.g. configs/attention92.yaml")
-    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    parser.add_argument("--gpus-per-node", type=int, default=8,
-                        help="GPUs per node, one training process each (default 8); 0 for a CPU job")
-    parser.add_argument("--tasks-per-node", type=int,
-                        help="processes per node (default: --gpus-per-node, or 1 without GPUs)")
-    parser.add_argument("--cpus-per-task", type=int,
-                        help="CPU cores per process, for data decoding (default 8 with GPUs, 1 without)")
-    parser.add_argument("--partition", help="SLURM partition (default: the cluster's default partition)")
-    parser.add_argument("--time", default="72:00:00",
-                        help="time limit per job attempt: minutes, HH:MM:SS or D-HH:MM:SS (default 72:00:00); "
-                             "the job checkpoints and requeues itself before it")
-    parser.add_argument("--run-dir",
-                        help="run directory (default runs/<config name>); an existing one is resumed. Logs of "
-                             "the SLURM tasks go to RUN_DIR/submitit/")
-    parser.add_argument("--name", help="SLURM job name (default ran-bench-<config name>)")
-    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                        help="another submitit SLURM parameter, e.g. --slurm account=proj --slurm qos=high "
-                             "--slurm constraint=a100 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the executor parameters and the command each task runs; submit nothing")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.root=/data/imagenet optim.global_batch_size=512")
 
 
 def parse_time(text: str) -> int:
@@ -109,8 +86,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.__init__(**state)
 
     def __call__(self) -> dict | None:
-        from ran_bench.slurm_env import placement, torch_env
-
         job_env = submitit.JobEnvironment()
         env = {**os.environ, **torch_env(placement())}
         if self.cpu:
@@ -243,8 +218,6 @@ def slurm_parameters(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
     """Executor parameters, the command every task runs and the run directory, after checking the
     config and overrides (so a typo fails here, not in the queue)."""
-    from ran_bench.config import load_config, validate
-
     if args.nodes < 1:
         raise InputError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0:
@@ -263,6 +236,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], Path]:
     extra, sbatch_options = slurm_parameters(args.slurm)
     cfg = load_config(config, args.overrides)
     validate(cfg, str(config), world_size=args.nodes * tasks)
+    model_info(cfg.model.name)  # an unknown model: the error lists the known ones
     command = [sys.executable, "-m", "ran_bench", "train", "--config", str(config.absolute()),
                "--run-dir", str(run_dir), *args.overrides]
     params: dict[str, Any] = {

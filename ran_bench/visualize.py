@@ -7,7 +7,7 @@ averaged over its channels, resized to the input crop and drawn as a heatmap ove
 per attention module, titled by stage (modules whose masks have the same resolution form a stage).
 
 The model comes from a training checkpoint (`RUN/checkpoints/step_*.pt`, or a run directory for
-its newest one) and the run's `config.yaml`, which names the model and its options; the image is
+its newest one) and the config embedded in it, which names the model and its options; the image is
 preprocessed like the validation transform (shorter side to size/0.875, centre crop, ImageNet
 mean/std).
 """
@@ -23,8 +23,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
 
+from ran_bench.checkpoint import find_checkpoint
+from ran_bench.config import Config, config_from_yaml, load_config
+from ran_bench.data import MEAN_255, STD_255, find_classes
+from ran_bench.data.torchvision_loader import val_geometry
 from ran_bench.errors import UserError
+from ran_bench.models import create_model
 
 
 class VisualizeError(ValueError, UserError):
@@ -88,12 +95,6 @@ def attention_masks(model: nn.Module, image: torch.Tensor) -> list[Mask]:
 def preprocess(path: str | Path, size: int, augmentation: str = "imagenet") -> tuple[np.ndarray, torch.Tensor]:
     """The validation transform of `path` for the run's `data.augmentation` (the CIFAR recipe tests
     without the 0.875 enlargement): (the crop as uint8 HxWx3, the normalised 1x3xHxW tensor)."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    from ran_bench.data import MEAN_255, STD_255
-    from ran_bench.data.torchvision_loader import val_geometry
-
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -143,84 +144,26 @@ def plot_masks(crop: np.ndarray, masks: list[Mask], path: str | Path, title: str
     return titles
 
 
-def load_model(checkpoint: str | Path, config: str | Path | None = None) -> tuple[nn.Module, object, Path]:
-    """The model of a training checkpoint, built from its run's config.yaml with the saved weights.
-
-    `checkpoint` is a checkpoint file or a run directory (its newest readable checkpoint).
-    Returns (model in eval mode, the run's Config, the checkpoint file).
-    """
-    from ran_bench.checkpoint import CheckpointError, load_checkpoint, load_latest
-    from ran_bench.config import ConfigError, load_config
-    from ran_bench.models import create_model
-
-    checkpoint = Path(checkpoint)
+def load_model(checkpoint: str | Path, config: str | Path | None = None) -> tuple[nn.Module, Config, Path]:
+    """The model of a training checkpoint (a checkpoint file, or a run directory for its newest
+    readable one), built from the config embedded in it (or `config`) with the saved weights.
+    Returns (model in eval mode, the run's Config, the checkpoint file)."""
+    path, ckpt, _ = find_checkpoint(checkpoint)
+    cfg = load_config(config) if config is not None else config_from_yaml(ckpt.config, f"{path} (embedded config)")
+    model = create_model(cfg.model.name, num_classes=ckpt.num_classes, **cfg.model.options)
     try:
-        if checkpoint.is_dir():
-            run_dir = checkpoint
-            found = load_latest(run_dir / "checkpoints")
-            if found is None:
-                raise VisualizeError(f"--checkpoint {run_dir}: no checkpoints/step_*.pt in this run directory")
-            checkpoint, state = found
-        else:
-            run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-            state = load_checkpoint(checkpoint)
-    except CheckpointError as e:
-        raise VisualizeError(str(e)) from None
-    config = Path(config) if config is not None else run_dir / "config.yaml"
-    if not config.is_file():
-        raise VisualizeError(f"{config}: no config.yaml for checkpoint {checkpoint}; pass the run's "
-                             "config with --config")
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        raise VisualizeError(str(e)) from None
-    weights = state.get("model")
-    if not isinstance(weights, dict):
-        raise VisualizeError(f"{checkpoint}: holds no model state dict (key 'model')")
-    model = create_model(cfg.model.name, num_classes=_num_classes(cfg, weights, run_dir), **cfg.model.options)
-    try:
-        model.load_state_dict(weights)
+        model.load_state_dict(ckpt.model)
     except RuntimeError as e:
-        raise VisualizeError(f"{checkpoint}: its weights do not fit {cfg.model.name} as {config} builds it "
+        raise VisualizeError(f"{path}: its weights do not fit {cfg.model.name} as {config} builds it "
                              f"({str(e).splitlines()[0]}); is --config the checkpoint's run config?") from None
-    return model.eval(), cfg, checkpoint
+    return model.eval(), cfg, path
 
 
-def _num_classes(cfg, weights: dict, run_dir: Path) -> int:
-    """Classes of the trained classifier: the config's data.num_classes, else the run's results."""
-    if cfg.data.num_classes is not None:
-        return cfg.data.num_classes
-    from ran_bench.results import load_results
-
-    results = run_dir / "results.json"
-    if results.is_file():
-        return load_results(results).num_classes
-    # The trainer counts the class folders of data.root/train when data.num_classes is unset.
-    names = _class_names(cfg)
-    if names:
-        return len(names)
-    raise VisualizeError(f"{run_dir}: cannot tell the number of classes (data.num_classes is unset, "
-                         "no results.json, data.root/train not found); pass data.num_classes through "
-                         "--config")
-
-
-def _class_names(cfg) -> list[str]:
+def _class_names(cfg: Config) -> list[str]:
     """Class folder names of the run's data set (sorted, as the loaders index them), if reachable."""
-    from ran_bench.data import find_classes
-
     if cfg.data.root and Path(cfg.data.root, "train").is_dir():
         return find_classes(cfg.data.root)
     return []
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint file (RUN/checkpoints/step_*.pt) or a run directory (its newest checkpoint)")
-    parser.add_argument("--image", required=True, help="image file to look at (any format PIL reads)")
-    parser.add_argument("-o", "--output", default="attention_masks.png", help="PNG to write (default: %(default)s)")
-    parser.add_argument("--config", help="the run's config.yaml (default: the one in the checkpoint's run directory)")
-    parser.add_argument("--size", type=int,
-                        help="input crop size (default: the run's data.test_sizes[0])")
 
 
 def main(args: argparse.Namespace) -> int:

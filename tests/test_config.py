@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import torch
 
-from ran_bench.config import ConfigError, check_resume, gradient_accumulation_steps, load_config, lr_at, \
-    mixed_precision, validate
+from ran_bench.config import ConfigError, check_resume, gradient_accumulation_steps, load_config, lr_at, validate
+from ran_bench.errors import InputError
 from ran_bench.paper import load_table
+from ran_bench.runtime import accelerate_precision, resolve_precision
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -90,8 +90,6 @@ def test_overrides_and_cross_field_errors():
     assert (cfg.data.root, cfg.lr) == ("/data/imagenet", 0.05)
     with pytest.raises(ConfigError, match=r"override 'optim.lr_per_256' is not key=value"):
         load_config(CONFIGS / "attention92.yaml", ["optim.lr_per_256"])
-    with pytest.raises(ConfigError, match=r"unknown model 'attention93'; known models: .*attention92"):
-        load_config(CONFIGS / "attention92.yaml", ["model.name=attention93"])
     with pytest.raises(ConfigError, match=r"global_batch_size \(256\) must be a multiple of "
                                           r"optim.per_device_batch_size \(48\)"):
         load_config(CONFIGS / "attention92.yaml", ["optim.per_device_batch_size=48"])
@@ -135,10 +133,10 @@ def test_resume_allows_what_does_not_change_the_recipe():
 
 
 def test_fp16_needs_cuda_and_auto_uses_bf16_only_on_bf16_hardware(monkeypatch):
-    with pytest.raises(ConfigError, match=r"precision=fp16 needs a CUDA GPU \(this run is on cpu"):
-        mixed_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]), "cpu")
-    auto = load_config(CONFIGS / "attention56.yaml")
-    assert mixed_precision(auto, "cpu") == "no"
+    with pytest.raises(InputError, match=r"precision=fp16 needs a CUDA GPU \(autocast with a gradient scaler; on cpu"):
+        resolve_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]).precision.name, "cpu")
+    auto = load_config(CONFIGS / "attention56.yaml").precision.name
+    assert resolve_precision(auto, "cpu") == "fp32"
     calls = []
 
     def bf16_hardware(answer):
@@ -148,11 +146,12 @@ def test_fp16_needs_cuda_and_auto_uses_bf16_only_on_bf16_hardware(monkeypatch):
         return is_bf16_supported
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_hardware(True))
-    assert mixed_precision(auto, "cuda") == "bf16"  # A100, H100
+    assert resolve_precision(auto, "cuda") == "bf16"  # A100, H100
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_hardware(False))
-    assert mixed_precision(auto, "cuda") == "fp16"  # V100, T4
+    assert resolve_precision(auto, "cuda") == "fp16"  # V100, T4
     assert calls == [False, False]
-    assert mixed_precision(load_config(CONFIGS / "attention56.yaml", ["precision=fp16"]), "cuda") == "fp16"
+    assert resolve_precision("fp16", "cuda") == "fp16"
+    assert [accelerate_precision(p) for p in ("fp32", "bf16", "fp16")] == ["no", "bf16", "fp16"]
 
 
 OK_YAML = "model: {name: attention56}\n"
@@ -171,6 +170,8 @@ OK_YAML = "model: {name: attention56}\n"
      r"c\.yaml: not valid YAML \(could not determine a constructor for the tag .*python/object/apply:os\.system"),
     ({"c.yaml": OK_YAML + "model: {name: attention92}\n"}, ["--config", "c.yaml"],
      r"c\.yaml: not valid YAML \(.*found duplicate key model"),
+    ({"c.yaml": "model: {name: attention93}\n"}, ["--config", "c.yaml"],
+     r"unknown model 'attention93'; known models: .*attention92"),
     ({"c.yaml": OK_YAML}, ["--config", "c.yaml", "optim.lr_per_256"],
      r"override 'optim\.lr_per_256' is not key=value"),
     ({}, [], r"give --config FILE \(a new run\) or --run-dir DIR \(resume a run\)"),
@@ -178,7 +179,7 @@ OK_YAML = "model: {name: attention56}\n"
     ({"c.yaml": OK_YAML, "taken": ""}, ["--config", "c.yaml", "--run-dir", "taken"],
      r"--run-dir taken is a file, not a directory"),
 ], ids=["unknown-key", "not-an-int", "zero-batch", "unparsable", "empty", "python-tag", "duplicate-key",
-        "no-equals", "no-config", "no-config-yaml", "run-dir-is-a-file"])
+        "unknown-model", "no-equals", "no-config", "no-config-yaml", "run-dir-is-a-file"])
 def test_every_bad_input_of_train_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, files, argv, message):
     """Through the command line's entry point: status 2 (bad input, as the README and `eval` say),
     one `error:` line, and nothing written (no run directory, nothing in a folder that is not a

@@ -24,7 +24,7 @@ from ran_bench.data import MEAN_255, STD_255, build_loader, dali_available, list
 from ran_bench.data import cifar as cifar_module
 from ran_bench.data.cifar import convert_cifar
 from ran_bench.errors import InputError
-from ran_bench.train import build_results
+from ran_bench.results import run_results
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
@@ -314,10 +314,12 @@ def test_config_has_the_papers_cifar_recipe(stem):
     validate(cfg, stem, world_size=1)
     model, dataset, _ = CONFIGS[stem]
     assert (cfg.model.name, cfg.model.options, cfg.data.name, cfg.data.root) == (model, {}, dataset, f"data/{dataset}")
-    assert (cfg.data.augmentation, cfg.data.train_size, cfg.data.test_sizes, cfg.data.label_noise) == ("cifar", 32, [32], 0.0)
+    d = cfg.data
+    assert (d.augmentation, d.train_size, d.test_sizes, d.label_noise) == ("cifar", 32, [32], 0.0)
     # Nesterov SGD, momentum 0.9, weight decay 1e-4, batch 64, LR 0.1 / 10 at 64k and 96k, stop at 160k.
     o = cfg.optim
-    assert (o.nesterov, o.momentum, o.weight_decay, o.global_batch_size, o.label_smoothing) == (True, 0.9, 1e-4, 64, 0.0)
+    assert (o.nesterov, o.momentum, o.weight_decay, o.global_batch_size, o.label_smoothing) == \
+        (True, 0.9, 1e-4, 64, 0.0)
     assert cfg.lr == pytest.approx(0.1)
     assert (cfg.total_steps, cfg.milestones, cfg.warmup_steps) == (160_000, [64_000, 96_000], 0)
     assert cfg.schedule.kind.name == "step" and cfg.schedule.max_steps is None
@@ -349,12 +351,12 @@ PLACEMENT = [
 @pytest.mark.parametrize("stem, overrides, rows", PLACEMENT, ids=[f"{s}{o}" for s, o, _ in PLACEMENT])
 def test_config_lands_in_its_paper_rows(tmp_path, stem, overrides, rows):
     """A run directory as the trainer writes it for this config (results.json from the trainer's
-    own build_results, config.yaml from to_yaml) is matched by the report to exactly these rows."""
+    own run_results, config.yaml from to_yaml) is matched by the report to exactly these rows."""
     cfg = load_config(REPO / "configs" / f"{stem}.yaml", overrides)
     classes = CONFIGS[stem][2]
-    results = build_results(cfg, num_classes=classes, params=1, macs=1, macs_input_size=32, step=cfg.total_steps,
-                            images_seen=cfg.total_steps * 64, epochs=204.8, world_size=1, device_type="cuda",
-                            device_name="GPU", precision="bf16", wall_time_s=1.0, device_seconds=1.0, evaluations=[])
+    results = run_results(cfg, num_classes=classes, params=1, macs=1, macs_input_size=32, step=cfg.total_steps,
+                          images_seen=cfg.total_steps * 64, epochs=204.8, world_size=1, device_type="cuda",
+                          device_name="GPU", precision="bf16", wall_time_s=1.0, device_seconds=1.0, evaluations=[])
     results.save(tmp_path / "run" / "results.json")
     (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
     run = report.load_run(tmp_path / "run")

@@ -14,10 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ran_bench.models  # noqa: F401  (registers the zoo with timm)
-from ran_bench.models import create_model, list_models, model_info
+from ran_bench.models import count_macs, count_params, create_model, list_models, model_info
 from ran_bench.models.preact_resnet import PreActBottleneck
 from ran_bench.models.residual_attention import AttentionModule, MaskBranch, ResidualAttentionNet
-from ran_bench.profile import count_macs, count_params
 
 IMAGENET = ["attention56", "attention92", "attentionnext56", "attentionnext92"]
 CIFAR = ["cifar_resnet164", "cifar_attention56", "cifar_attention92", "cifar_attention128",

@@ -13,9 +13,8 @@ import timm
 import torch
 
 import ran_bench.models  # noqa: F401  (registers the zoo with timm)
-from ran_bench.models import create_model, model_info
+from ran_bench.models import count_params, create_model, model_info
 from ran_bench.models.inception_resnet import InceptionResNetA, InceptionResNetB, InceptionResNetC
-from ran_bench.profile import count_params
 
 MODELS = ["resnet152", "resnet200", "resnext101_32x4d", "inception_resnet_v1", "inception_resnet_v2",
           "attention_inception56"]

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torchvision
 
 from ran_bench.cli import main as cli_main
-from ran_bench.profile import count_macs, count_params, profile_model
+from ran_bench.models import count_macs, count_params
+from ran_bench.profile import profile_model
 
 
 def test_count_macs_counts_convolutions_and_classifier_only() -> None:

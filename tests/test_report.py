@@ -12,6 +12,8 @@ import yaml
 
 from ran_bench import report
 from ran_bench.cli import main as cli_main
+from ran_bench.metrics import MetricsError
+from ran_bench.report.cells import percent
 from ran_bench.results import Evaluation, Results, ResultsError
 
 
@@ -118,7 +120,8 @@ def test_a_short_schedule_is_never_shown_as_a_reproduction(tmp_path, monkeypatch
     from matplotlib.axes import Axes
 
     original = Axes.annotate
-    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: annotations.append(text) or original(ax, text, *a, **k))
+    monkeypatch.setattr(Axes, "annotate",
+                        lambda ax, text, *a, **k: annotations.append(text) or original(ax, text, *a, **k))
     run = make_run(tmp_path, "ran56_1k", steps=1000, total_steps=1000, images_seen=1000 * 256, epochs=0.2,
                    evaluations=[(224, 99.0, 97.0)])
     full = make_run(tmp_path, "ran92_full", model="attention92", evaluations=[(320, 19.9, 4.9)])
@@ -131,11 +134,23 @@ def test_a_short_schedule_is_never_shown_as_a_reproduction(tmp_path, monkeypatch
 
 
 def test_percent_never_rounds_a_partial_up_to_100():
-    assert report._percent(529_800 / 530_000) == "99.96%"
-    assert report._percent((135_680_000 - 1) / 135_680_000) == "99.999999%"
-    assert report._percent(1.0) == "100%"
-    assert report._percent(13.25) == "1,325%"  # a run longer than the paper's schedule
-    assert report._percent(100_000 / 530_000) == "18.9%"
+    assert percent(529_800 / 530_000) == "99.96%"
+    assert percent((135_680_000 - 1) / 135_680_000) == "99.999999%"
+    assert percent(1.0) == "100%"
+    assert percent(13.25) == "1,325%"  # a run longer than the paper's schedule
+    assert percent(100_000 / 530_000) == "18.9%"
+
+
+def test_cells_with_a_pipe_or_a_newline_keep_the_tables_columns(tmp_path):
+    """A run directory named with '|' and a model option holding '|' and a newline are escaped."""
+    run = make_run(tmp_path, "pipe|run", model="cifar_attention56", dataset="cifar10", num_classes=10,
+                   params=850_000, macs=10**8, macs_input_size=32, train_size=32, augmentation="cifar",
+                   config={"model": {"name": "cifar_attention56", "options": {"note": "x|y\nz"}}},
+                   evaluations=[(32, 7.5, 0.6)], num_samples=10_000)
+    tables = parse_tables(report.write_report([run], tmp_path / "r.md").read_text())
+    [other] = table_with(tables, "why not in a paper table")["rows"]
+    assert (other["run"], other["options"], other["top-1 err %"]) == ("pipe\\|run", "note=x\\|y z", "7.50")
+    assert table_with(tables, "of the paper's schedule")["rows"][0]["run"] == "pipe\\|run"
 
 
 def test_paper_numbers_are_shown_as_printed(tmp_path):
@@ -232,9 +247,11 @@ def test_table7_model_on_other_data_is_not_compared_with_the_paper(tmp_path):
     # An ImageNet subset is not ImageNet-1K, whatever the data set is called.
     subset = make_run(tmp_path, "a56subset", num_classes=100, evaluations=[(224, 30.0, 10.0)])
     tables = parse_tables(report.write_report([subset], tmp_path / "r.md").read_text())
-    assert {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}["Attention-56"]["run"] == "not run"
+    rows = {r["Network"]: r for r in table_with(tables, "top-1 err % (paper)")["rows"]}
+    assert rows["Attention-56"]["run"] == "not run"
     other = table_with(tables, "why not in a paper table")["rows"]
-    assert other[0]["why not in a paper table"] == "trained on imagenet (100 classes), not a data set of the paper's tables"
+    assert other[0]["why not in a paper table"] == \
+        "trained on imagenet (100 classes), not a data set of the paper's tables"
 
 
 def test_run_not_evaluated_at_the_rows_test_size(tmp_path):
@@ -285,7 +302,8 @@ def test_cifar_runs_fill_their_ablation_rows(tmp_path):
 
     t5 = {(r["label noise"], r["network"]): r for r in table_with(tables, "label noise")["rows"]}
     assert (t5["30%", "Attention-92"]["top-1 err % (paper)"], t5["30%", "Attention-92"]["top-1 err % (measured)"],
-            t5["30%", "Attention-92"]["Δ top-1"], t5["30%", "Attention-92"]["run"]) == ("5.79", "6.00", "+0.21", "noisy92")
+            t5["30%", "Attention-92"]["Δ top-1"], t5["30%", "Attention-92"]["run"]) == \
+        ("5.79", "6.00", "+0.21", "noisy92")
     assert t5["30%", "ResNet-164"]["top-1 err % (measured)"] == "not run"
 
     t6 = {(r["network"], r["data set"]): r for r in table_with(tables, "network", "data set")["rows"]}
@@ -364,7 +382,8 @@ def test_config_and_metrics_errors_name_the_file(tmp_path):
     (run / "config.yaml").unlink()
     with pytest.raises(report.ReportError, match=re.escape(f"{run / 'config.yaml'}: not found")):
         report.load_run(run)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention56", "options": {"attention": "soft"}}}))
+    soft = {"model": {"name": "attention56", "options": {"attention": "soft"}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(soft))
     with pytest.raises(report.ReportError, match=r"model.options.attention is 'soft'; valid values: \['mixed'"):
         report.load_run(run)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "attention92"}}))
@@ -376,7 +395,7 @@ def test_config_and_metrics_errors_name_the_file(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "train", "st']))
     assert len(report.load_run(run).train_metrics) == 2
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]))
-    with pytest.raises(report.ReportError, match=re.escape(f"{run / 'metrics.jsonl'}:2: not valid JSON")):
+    with pytest.raises(MetricsError, match=re.escape(f"{run / 'metrics.jsonl'}:2: not valid JSON")):
         report.load_run(run)
 
 

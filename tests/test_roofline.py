@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ran_bench.cli import main as cli_main
-from ran_bench.profile import count_params
+from ran_bench.models import count_params
 from ran_bench.roofline import DEVICES, DeviceSpec, OpCost, OpCounter, roofline, summarize
 
 UNIT = DeviceSpec("unit", peak_tflops=1.0, bandwidth_tbs=1.0, source="test")  # 1e12 FLOP/s, 1e12 B/s

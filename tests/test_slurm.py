@@ -178,7 +178,8 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_with_the_same_weight
     run_dir = demo / "runs" / "time-limit"
     proc, job_id, out, log = _interrupted_job(demo, run_dir, ["scancel", "--batch", "--signal=USR1"])
     assert proc.returncode == 0, f"job {job_id} exited {proc.returncode}:\n{out}\n{log[-5000:]}"
-    for line in ["received SIGUSR1 (time limit near)", "exit 75 on every node): requeueing job", f"job {job_id} attempt 2] start",
+    for line in ["received SIGUSR1 (time limit near)", "exit 75 on every node): requeueing job",
+                 f"job {job_id} attempt 2] start",
                  f"job {job_id} attempt 2] finished"]:
         assert line in log, f"{line!r} not in:\n{log[-3000:]}"
     resumed = re.findall(r"resumed from \S+step_(\d+)\.pt", (run_dir / "train.log").read_text())
@@ -295,7 +296,7 @@ def test_submit_to_a_partition_the_cluster_lacks_is_a_clear_error(demo, tmp_path
     assert not run_dir.exists()
 
 
-def _submit(demo: Path, run_dir: Path, capsys) -> "submitit.SlurmJob":  # noqa: F821
+def _submit(demo: Path, run_dir: Path, capsys) -> submitit.SlurmJob:  # noqa: F821
     import submitit
 
     from ran_bench.cli import main as cli

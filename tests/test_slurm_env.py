@@ -10,9 +10,19 @@ import subprocess
 import pytest
 
 from conftest import REPO
+from ran_bench.slurm_env import (
+    PORT_BASE,
+    PORT_SPAN,
+    SlurmEnvError,
+    expand_nodelist,
+    launcher_env,
+    main_port,
+    node_address,
+    placement,
+    tasks_on_node,
+    torch_env,
+)
 from ran_bench.slurm_env import main as slurm_env_main
-from ran_bench.slurm_env import (PORT_BASE, PORT_SPAN, SlurmEnvError, expand_nodelist, launcher_env, main_port,
-                                 node_address, placement, tasks_on_node, torch_env)
 
 # A task of a 2-node batch job (one launcher per node), as srun sets it on the second node.
 TWO_NODES_SECOND = {

@@ -131,7 +131,8 @@ def test_slurm_options_get_submitits_types_in_the_sbatch_file(no_sbatch, tmp_pat
 
 def test_slurm_flag_set_to_false_writes_no_line(no_sbatch, tmp_path, capsys):
     rc = cli(["submit", "--config", "configs/demo.yaml", "--gpus-per-node", "0", "--time", "10",
-              "--run-dir", str(tmp_path / "run"), "--dry-run", "--slurm", "exclusive=false", "--slurm", "requeue=false"])
+              "--run-dir", str(tmp_path / "run"), "--dry-run", "--slurm", "exclusive=false",
+              "--slurm", "requeue=false"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "slurm_exclusive" not in out and "slurm_additional_parameters = {}" in out

@@ -106,7 +106,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_and_keeps_the_last_checkpo
         # Intact: it loads, and holds the weights of step 2 of the same run on a roomy disk.
         from ran_bench.checkpoint import load_checkpoint
 
-        weights, expected = (load_checkpoint(p)["model"] for p in (first, setup / "done" / "checkpoints" / first.name))
+        weights, expected = (load_checkpoint(p).model for p in (first, setup / "done" / "checkpoints" / first.name))
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
         assert (run_dir / "train.log").read_text().splitlines()[-1].endswith(f"ERROR {message}")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_checkpoint
 from ran_bench import visualize
 from ran_bench.checkpoint import save_checkpoint
 from ran_bench.cli import main
@@ -66,7 +67,8 @@ def run_dir(tmp_path_factory):
     model.train()
     with torch.no_grad():
         model(torch.randn(8, 3, 32, 32))
-    save_checkpoint(run / "checkpoints", 7, {"model": model.state_dict(), "step": 7}, keep_last=2)
+    ckpt = make_checkpoint(7, model=model.state_dict(), num_classes=10, config=to_yaml(cfg))
+    save_checkpoint(run / "checkpoints", ckpt, keep_last=2)
     return run, model.eval()
 
 
@@ -95,6 +97,16 @@ def test_cli_writes_a_png(run_dir, image_file, tmp_path, capsys):
     assert Image.open(out).size == (1200, 350)
 
 
+def test_a_checkpoint_outside_its_run_directory_is_drawn_with_its_embedded_config(run_dir, image_file, tmp_path,
+                                                                                 capsys):
+    run, _ = run_dir
+    lone = tmp_path / "lone.pt"  # no config.yaml, no results.json, no data folder to count classes in
+    lone.write_bytes((run / "checkpoints" / "step_00000007.pt").read_bytes())
+    out = str(tmp_path / "m.png")
+    assert main(["visualize", "--checkpoint", str(lone), "--image", str(image_file), "-o", out]) == 0
+    assert "3 attention masks in 3 stages" in capsys.readouterr().out
+
+
 def test_cli_errors_name_the_problem(run_dir, tmp_path, image_file, capsys):
     run, _ = run_dir
     bad_image = tmp_path / "broken.jpg"
@@ -104,12 +116,8 @@ def test_cli_errors_name_the_problem(run_dir, tmp_path, image_file, capsys):
     empty = tmp_path / "empty_run"
     empty.mkdir()
     assert main(["visualize", "--checkpoint", str(empty), "--image", str(image_file)]) == 2
-    assert f"--checkpoint {empty}: no checkpoints/step_*.pt" in capsys.readouterr().err
-    lone = tmp_path / "lone" / "checkpoints"
-    lone.mkdir(parents=True)
-    (lone / "step_00000001.pt").write_bytes((run / "checkpoints" / "step_00000007.pt").read_bytes())
-    assert main(["visualize", "--checkpoint", str(lone / "step_00000001.pt"), "--image", str(image_file)]) == 2
-    assert f"{lone.parent / 'config.yaml'}: no config.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{empty / 'checkpoints'} has no checkpoint; is {empty} a ran-bench run directory?" in err
     other = tmp_path / "other.yaml"
     other.write_text((run / "config.yaml").read_text().replace("cifar_attention56", "cifar_attention92"))
     assert main(["visualize", "--checkpoint", str(run), "--config", str(other), "--image", str(image_file)]) == 2

@@ -7,41 +7,38 @@ tests. Every backend shards the same way (`ran_bench.data.sampling`) and yields
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
 
 import torch
 
-from ran_bench.data.folder import (IMG_EXTENSIONS, MEAN_255, STD_255, DatasetLayoutError, find_classes,
-                                   list_samples)
-from ran_bench.data.sampling import UnreadableImagesError, check_shard_args
+from ran_bench.config import AUGMENTATIONS
+from ran_bench.data.dali import DaliLoader
+from ran_bench.data.folder import IMG_EXTENSIONS, MEAN_255, STD_255, DatasetLayoutError, find_classes, list_samples
+from ran_bench.data.sampling import (
+    UnreadableFileError,
+    UnreadableImagesError,
+    check_shard_args,
+    train_per_rank,
+    val_range,
+)
+from ran_bench.data.synthetic import SyntheticLoader
+from ran_bench.data.torchvision_loader import TorchvisionLoader
 from ran_bench.errors import InputError
+from ran_bench.runtime import dali_available
+from ran_bench.slurm_env import SlurmEnvError, tasks_on_node
 
 __all__ = ["build_loader", "list_samples", "find_classes", "corrupt_labels", "dali_available",
-           "default_num_threads", "DatasetLayoutError", "UnreadableImagesError", "IMG_EXTENSIONS",
-           "MEAN_255", "STD_255", "BACKENDS", "AUGMENTATIONS", "IMAGENET_TRAIN_SIZE", "IMAGENET_VAL_SIZE"]
+           "default_num_threads", "DatasetLayoutError", "UnreadableFileError", "UnreadableImagesError",
+           "IMG_EXTENSIONS", "MEAN_255", "STD_255", "BACKENDS", "AUGMENTATIONS", "IMAGENET_TRAIN_SIZE",
+           "IMAGENET_VAL_SIZE"]
 
 log = logging.getLogger("ran_bench.data")
 
 BACKENDS = ("dali", "torchvision", "synthetic")
-AUGMENTATIONS = ("imagenet", "cifar")
 IMAGENET_TRAIN_SIZE = 1_281_167
 IMAGENET_VAL_SIZE = 50_000
-
-
-@functools.cache
-def dali_available() -> bool:
-    """True when NVIDIA DALI can be imported; the torchvision backend replaces it otherwise."""
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.plugin.pytorch  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - a broken install counts as absent, with the reason logged
-        log.warning("NVIDIA DALI is not usable (%s: %s); using the torchvision data loader instead "
-                    "(pip install ran-bench[dali] for the faster pipeline)", type(e).__name__, e)
-        return False
-    return True
 
 
 def default_num_threads() -> int:
@@ -62,8 +59,6 @@ def default_num_threads() -> int:
 def _mask_is_per_rank(cores: int, local_world_size: int) -> bool:
     """True inside a SLURM step with one task per rank on this node whose mask holds at most
     --cpus-per-task cores."""
-    from ran_bench.slurm_env import SlurmEnvError, tasks_on_node
-
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
     tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
     if not per_task.isdigit() or not tasks or cores > int(per_task):
@@ -107,7 +102,8 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
     `num_threads` is decoding threads (DALI) or worker processes (torchvision; 0 = in-process).
     backend "dali" falls back to torchvision when DALI is not importable; "synthetic" makes
     random tensors (root may be None: then ImageNet-1K's sample counts, and `num_classes` is needed).
-    Every loader lists the images it replaced by a flat image in `loader.bad_files`.
+    Every loader lists the images it replaced by a flat image in `loader.bad_files`; a listed
+    file that cannot be read raises UnreadableFileError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -125,9 +121,6 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
                   seed=seed, channels_last=channels_last, dtype=dtype, device=torch.device(device))
 
     if backend == "synthetic":
-        from ran_bench.data.sampling import train_per_rank, val_range
-        from ran_bench.data.synthetic import SyntheticLoader
-
         if root is not None:
             files, _, classes = list_samples(root, split)
             n, num_classes = len(files), num_classes or len(classes)
@@ -152,10 +145,6 @@ def build_loader(root, split: str, *, size: int, batch_size: int, backend: str =
             raise ValueError(f"labels contains class indices outside 0..{len(classes) - 1}: {bad[:5]}")
         folder_labels = [int(x) for x in labels]
     if backend == "dali" and dali_available():
-        from ran_bench.data.dali import DaliLoader
-
         return DaliLoader(files, folder_labels, num_threads=max(1, num_threads), augmentation=augmentation,
                           **common)
-    from ran_bench.data.torchvision_loader import TorchvisionLoader
-
     return TorchvisionLoader(files, folder_labels, num_threads=num_threads, augmentation=augmentation, **common)

@@ -166,7 +166,8 @@ def _read_split(tar: tarfile.TarFile, archive_path: Path, archive: CifarArchive,
                              f"({len(data)}), found {type(batch_labels).__name__} of {len(batch_labels or [])}")
         batch_labels = np.asarray(batch_labels)
         if batch_labels.dtype.kind not in "iu" or batch_labels.min() < 0 or batch_labels.max() >= archive.num_classes:
-            raise InputError(f"{where}: '{archive.label_key.decode()}' should hold integers 0..{archive.num_classes - 1}")
+            raise InputError(f"{where}: '{archive.label_key.decode()}' should hold integers "
+                             f"0..{archive.num_classes - 1}")
         rows.append(data)
         labels.append(batch_labels)
     return np.concatenate(rows), np.concatenate(labels)

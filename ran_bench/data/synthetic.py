@@ -3,7 +3,7 @@ model throughput without any input pipeline in the way."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

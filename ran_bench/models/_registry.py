@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
+from timm.models import _registry as timm_registry
 
 from ran_bench.errors import UserError
 
@@ -48,10 +49,6 @@ def register_model(*, input_size: int = 224, dataset: str = "imagenet"):
 
 def _register_with_timm(name: str, builder: Callable[..., nn.Module]) -> None:
     """Make `timm.create_model(name)` build our model (timm passes pretrained=..., pretrained_cfg...)."""
-    try:
-        from timm.models import _registry as timm_registry
-    except ImportError:  # timm is a dependency, but a broken install should not break ours
-        return
     if name in timm_registry._model_entrypoints:
         # timm already has a model of that name (for example resnet152); keep timm's, ours stays
         # reachable through ran_bench.models.create_model.

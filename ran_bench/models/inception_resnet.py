@@ -120,7 +120,8 @@ class InceptionResNetC(InceptionResNetUnit):
     """
 
     def __init__(
-        self, in_chs: int = 1792, out_chs: int | None = None, stride: int = 1, branch_chs: int = 192, scale: float = 0.20
+        self, in_chs: int = 1792, out_chs: int | None = None, stride: int = 1, branch_chs: int = 192,
+        scale: float = 0.20,
     ) -> None:
         w = branch_chs
         branches = [
@@ -158,7 +159,7 @@ def stem_v1(in_chans: int = 3) -> nn.Sequential:
     )
 
 
-def reduction_a(in_chs: int = 256, k: int = 192, l: int = 192, m: int = 256, n: int = 384) -> _Concat:
+def reduction_a(in_chs: int = 256, k: int = 192, l: int = 192, m: int = 256, n: int = 384) -> _Concat:  # noqa: E741 (the paper names them k, l, m, n)
     """Reduction-A (paper Fig. 7; Table 1 gives k, l, m, n for each network): 35x35 -> 17x17."""
     return _Concat(
         nn.MaxPool2d(3, stride=2),

@@ -40,9 +40,10 @@ channels, so the trunk depth is 36m + 20 as on ImageNet (m = 1, 2, 3, 4, 6 for 5
 masks keep the ImageNet stages' depths, 3/2/1 poolings with 2/1/0 skips: as on ImageNet, every
 stage's mask bottoms out at one common size, 4x4 here (32 -> 4, 16 -> 4, 8 -> 4). Stopping at the
 smallest trunk map instead (8x8, as 7x7 is on ImageNet) would leave stage 3 with no down-sampling
-at all, so no encoder-decoder to compare with local convolutions (Table 4). Attention-452 takes p, t, r = 2, 4, 3 with m = 6 as given for it; note that with those
-values the 36m + 20 rule does not hold (its trunk has 9m(p + t + r) + 20 = 506 weighted layers),
-and it has 7.99 M parameters against Table 6's 8.6 M.
+at all, so no encoder-decoder to compare with local convolutions (Table 4). Attention-452 takes
+p, t, r = 2, 4, 3 with m = 6 as given for it; note that with those values the 36m + 20 rule does
+not hold (its trunk has 9m(p + t + r) + 20 = 506 weighted layers), and it has 7.99 M parameters
+against Table 6's 8.6 M.
 
 Reuse with other residual units: every network here is a `ResidualAttentionNet` built from a list
 of `StageSpec`s, a stem module and a `unit` factory `unit(in_channels, out_channels, stride) ->
@@ -52,8 +53,8 @@ smaller). AttentionInception-56 plugs in Inception-ResNet units that way.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -137,7 +138,8 @@ def _check_options(attention: str, residual_attention: bool, mask: str) -> None:
                         f"got {residual_attention!r}")
     if mask not in MASK_TYPES:
         raise ValueError(f"mask={mask!r} is not one of {', '.join(map(repr, MASK_TYPES))} "
-                         "(encoder_decoder = bottom-up top-down mask, local_conv = same units without down/up sampling)")
+                         "(encoder_decoder = bottom-up top-down mask, local_conv = same units without down/up "
+                         "sampling)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +373,8 @@ def imagenet_stages(modules: tuple[int, int, int]) -> list[StageSpec]:
     ]
 
 
-def _attention_net(modules: tuple[int, int, int], num_classes: int, in_chans: int = 3, **kwargs) -> ResidualAttentionNet:
+def _attention_net(modules: tuple[int, int, int], num_classes: int, in_chans: int = 3,
+                   **kwargs) -> ResidualAttentionNet:
     return ResidualAttentionNet(imagenet_stages(modules), PreActBottleneck, imagenet_stem(in_chans), 64,
                                 num_classes=num_classes, **kwargs)
 
