@@ -65,13 +65,22 @@ class ScheduleKind(Enum):
     cosine = "cosine"  # cosine decay to 0 at total_steps
 
 
+# model.compile: `false` (eager) or the torch.compile mode the trainer compiles its model with; the
+# functional API because torch's mode names have hyphens. Not offered: reduce-overhead (CUDA graphs),
+# which crashes in evaluation after training under DDP (pytorch 128218) and whose graphs BatchNorm's
+# buffer updates keep from replaying (pytorch 139207).
+CompileMode = Enum("CompileMode", [(m, m) for m in ("false", "default", "max-autotune", "max-autotune-no-cudagraphs")])
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING  # a registered model, see `ran_bench.models.list_models()`
     options: dict[str, Any] = field(default_factory=dict)  # passed to create_model(name, **options)
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model
+    # false, default, max-autotune or max-autotune-no-cudagraphs (CompileMode); the booleans of older
+    # configs and checkpoints are read as false and default
+    compile: CompileMode = CompileMode.false
 
 
 @dataclass
@@ -214,6 +223,8 @@ def _build(node, where: str, overrides) -> Config:
         layers = [schema] + ([node] if node is not None else [])
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers[1:]:
+            _read_compile_boolean(layer)
         merged = OmegaConf.merge(*layers)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
@@ -223,6 +234,16 @@ def _build(node, where: str, overrides) -> Config:
         raise ConfigError(_describe(e, where, schema, overrides)) from None
     validate(cfg, where)
     return cfg
+
+
+def _read_compile_boolean(layer) -> None:
+    """model.compile was a boolean before it named a mode: true is torch.compile's default mode,
+    false is eager. Rewrites a boolean in `layer` (a YAML file's or the overrides') to that name."""
+    model = layer.get("model") if OmegaConf.is_dict(layer) else None
+    if not OmegaConf.is_dict(model) or "compile" not in model or OmegaConf.is_interpolation(model, "compile"):
+        return
+    if isinstance(model["compile"], bool):
+        model["compile"] = "default" if model["compile"] else "false"
 
 
 def _describe(e: OmegaConfBaseException, where: str, schema, overrides) -> str:

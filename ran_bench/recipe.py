@@ -13,9 +13,18 @@ from ran_bench.config import Config, lr_at
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
-    """The recipe's optimizer: SGD at the base learning rate of the run's global batch."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum,
-                           nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    """The recipe's optimizer: SGD at the base learning rate of the run's global batch, in the
+    implementation `sgd_implementation` picks for the device of the model's parameters."""
+    device = next(model.parameters()).device
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                           weight_decay=cfg.optim.weight_decay, **sgd_implementation(device))
+
+
+def sgd_implementation(device: torch.device) -> dict[str, bool]:
+    """SGD's keyword for `device`: fused on CUDA (one kernel updates every parameter, reading each
+    weight, gradient and momentum once; torch >= 2.4 has it), foreach elsewhere (CPU, meta), the
+    same update as torch's per-tensor loop."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
 def build_criterion(cfg: Config) -> nn.Module:

@@ -185,8 +185,8 @@ def set_up(cfg: Config, run_dir: Path, accelerator: Accelerator) -> Job:
     set_seed(cfg.seed, device_specific=True)  # per-rank seeds for everything random from here on
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    if cfg.model.compile:
-        model = torch.compile(model)
+    if cfg.model.compile.value != "false":  # DDP wraps the compiled module; raw_model stays eager (plain keys)
+        model = torch.compile(model, mode=cfg.model.compile.value)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Job(cfg=cfg, run_dir=run_dir, accelerator=accelerator, precision=precision, model=model,
                raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, criterion=build_criterion(cfg),

@@ -209,9 +209,10 @@ class TorchvisionLoader(LoaderBase):
                 check_bad_share(bad, self.batch_size)
                 for path in bad:
                     self._note_bad(path, "PIL could not decode it")
-            images = images.to(self.device, non_blocking=True).float().sub_(self._mean).div_(self._std)
-            images = images.to(self.dtype)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            # One pass converts the uint8 batch to float and, for channels_last, to NHWC; the in-place
+            # normalisation and the dtype cast keep that layout (no second copy of the batch).
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            images = images.to(self.device, non_blocking=True).to(torch.float32, memory_format=layout)
+            images = images.sub_(self._mean).div_(self._std).to(self.dtype)
             self._consumed += 1
             yield images, labels.to(self.device, non_blocking=True)
