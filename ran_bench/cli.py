@@ -138,6 +138,11 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train: also time a bare PyTorch loop and timm's benchmark recipe on the same "
                              "pre-made batches and print step-time ratios of the trainer's train_step (not the "
                              "loop around it) over them; timm's only when timm builds the same model")
+    parser.add_argument("--profile", action="store_true",
+                        help="train: after the timed runs, trace 3 more steps (after 2 warm-up steps) with "
+                             "torch.profiler, write OUT_DIR/<name>.pt.trace.json (open it in Perfetto or "
+                             "TensorBoard) and print self time by op kind, the kinds of `ran-bench profile "
+                             "--roofline`")
     parser.add_argument("--procs", help="scaling: comma-separated process counts (default 1,2 on CPU; "
                                         "1,2,4,8 up to the GPU count on CUDA)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "reports" / "bench",

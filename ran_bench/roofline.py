@@ -157,6 +157,14 @@ def _global_pool(sizes, dims) -> bool:
     return signed == {2, 3}
 
 
+def name_kind(name: str) -> str:
+    """The kind of an op by its name alone ("aten::cudnn_convolution", "addmm", "NativeBatchNormBackward0"):
+    the first of _KIND_PATTERNS that matches the name after its last "::", lower-cased without
+    underscores; elementwise otherwise. Shared with the profiler's table (`ran-bench bench train --profile`)."""
+    plain = name.split("::")[-1].replace("_", "").lower()
+    return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(plain)), "elementwise")
+
+
 def op_kind(func, args: tuple, node=None) -> str:
     """The kind of an op by its name (unnamed: elementwise); a mean over the spatial dims and its
     backward (an expand and a div under the mean's autograd `node`) are pooling. No other op is classed
@@ -166,8 +174,7 @@ def op_kind(func, args: tuple, node=None) -> str:
         return "pooling/upsampling" if _global_pool(node._saved_self_sym_sizes, node._saved_dim) else "elementwise"
     if schema_name == "aten::mean" and len(args) > 1 and _global_pool(args[0].shape, args[1]):
         return "pooling/upsampling"
-    plain = schema_name.split("::")[-1].replace("_", "").lower()
-    return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(plain)), "elementwise")
+    return name_kind(schema_name)
 
 
 class OpCounter(TorchDispatchMode):

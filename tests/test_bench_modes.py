@@ -87,6 +87,7 @@ SCHEMA = {
     "device_type": str, "device_name": str, "torch_version": str, "cuda_version": str, "cudnn_version": str,
     "dali_version": str, "timm_version": str, "accelerate_version": str, "python_version": str,
     "load_average_1min": OPTIONAL_NUMBER, "git_commit": str, "time_utc": str, "command": str, "schema_version": int,
+    "roofline_images_per_s": OPTIONAL_NUMBER, "roofline_fraction": OPTIONAL_NUMBER, "roofline_source": OPTIONAL_STR,
 }
 
 
@@ -105,6 +106,9 @@ def test_train_json_has_the_schema_keys_and_types(train_run):
     # the overhead check ran all three loops, timm's on our model through timm's registry
     assert record["trainer_over_bare"] > 0 and record["trainer_over_timm"] > 0
     assert record["timm_model"] == "torch.nn.modules.container.Sequential"
+    # a CPU has no data-sheet roofline: blank, with the reason
+    assert record["roofline_images_per_s"] is None and record["roofline_fraction"] is None
+    assert record["roofline_source"] == "no data-sheet roofline for CPUs"
 
 
 def test_bench_cli_names_the_missing_flag(capsys):

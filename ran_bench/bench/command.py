@@ -10,10 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ran_bench.bench import BenchError
+from ran_bench.bench.flops import roofline_fraction, training_roofline
 from ran_bench.bench.modes import run_data, run_infer, run_scaling, run_train
 from ran_bench.bench.options import resolve_options
 from ran_bench.bench.readme import write_readme
-from ran_bench.bench.record import BenchRecord, append_csv, read_csv, record_name, write_csv, write_json
+from ran_bench.bench.record import (
+    BenchRecord,
+    append_csv,
+    csv_value,
+    read_csv,
+    record_name,
+    write_csv,
+    write_json,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,8 +63,29 @@ def _row_key(row: dict[str, str]) -> tuple[str, str, str]:
     return row["time_utc"], row["command"], row["device_name"]
 
 
+def fill_rooflines(rows: Sequence[dict[str, str]]) -> int:
+    """Give the GPU training rows recorded without a roofline (before the column existed, or by an
+    older checkout) the one the run would have recorded: computed from the row's model, size, batch,
+    precision and GPU name, and said so in roofline_source. Returns how many rows got one."""
+    filled = 0
+    for row in rows:
+        if row["mode"] != "train" or row["roofline_source"]:
+            continue
+        limit, source = training_roofline(row["model"], int(row["size"]), int(row["batch_size"]),
+                                          device_type=row["device_type"], device_name=row["device_name"],
+                                          precision=row["precision"])
+        if limit is None:
+            continue  # CPU, fp32 or an unknown GPU: no limit, and no reason invented for an old row
+        row["roofline_images_per_s"] = csv_value(limit.images_per_s)
+        row["roofline_fraction"] = csv_value(roofline_fraction(float(row["images_per_s"]), limit))
+        row["roofline_source"] = f"{source}; added by `ran-bench bench readme` from the row, after the run"
+        filled += 1
+    return filled
+
+
 def _readme(args: argparse.Namespace) -> int:
-    """The readme mode: add the new rows of each --add CSV to results.csv, then regenerate README.md."""
+    """The readme mode: add the new rows of each --add CSV to results.csv, give GPU training rows
+    recorded without one their roofline, then regenerate README.md."""
     csv_path = args.out_dir / "results.csv"
     for extra in args.add:
         if not Path(extra).is_file():
@@ -71,6 +101,12 @@ def _readme(args: argparse.Namespace) -> int:
         skipped = len(offered) - len(added)
         print(f"added {len(added)} row(s) of {extra} to {csv_path}"
               + (f"; {skipped} already there (same time, command and device)" if skipped else ""))
+    rows = read_csv(csv_path) if csv_path.exists() else []
+    filled = fill_rooflines(rows)
+    if filled:
+        write_csv(rows, csv_path)
+        print(f"added the roofline to {filled} GPU training row(s) of {csv_path} recorded without it "
+              "(computed from each row's model, size, batch, precision and GPU)")
     write_readme(csv_path, args.out_dir / "README.md")
     print(f"regenerated {args.out_dir / 'README.md'} from {csv_path}")
     return 0
@@ -101,6 +137,10 @@ def summary(record: BenchRecord) -> str:
         lines.append(f"  {r.macs / 1e9:.3f} GMACs/image forward -> {r.tflops:.3g} TFLOP/s achieved, "
                      f"MFU {mfu} (peak: {r.peak_tflops or 'unknown'}; {r.peak_source})")
         lines.append(f"  convention: {r.flop_convention}")
+    if r.mode == "train":
+        lines.append(f"  % of roofline: {r.roofline_fraction:.1%} of the unfused roofline's "
+                     f"{r.roofline_images_per_s:.1f} images/s ({r.roofline_source})"
+                     if r.roofline_images_per_s is not None else f"  % of roofline: none ({r.roofline_source})")
     if r.end_to_end_images_per_s is not None:
         verdict = ("the data loader limits" if r.limiter == "data loader"
                    else "the model limits (the loader keeps up)")

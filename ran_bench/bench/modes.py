@@ -27,9 +27,12 @@ from ran_bench.bench.flops import (
     flops_per_image,
     model_flops_utilization,
     resolve_peak,
+    roofline_fraction,
+    training_roofline,
 )
 from ran_bench.bench.options import command_line, figure_args, process_counts
-from ran_bench.bench.record import BenchRecord, fill_environment
+from ran_bench.bench.profiling import format_profile, profile_steps
+from ran_bench.bench.record import BenchRecord, fill_environment, record_name
 from ran_bench.bench.steps import (
     build_model,
     describe_images,
@@ -45,7 +48,8 @@ from ran_bench.bench.timing import Timing, loader_verdict, peak_memory, reset_pe
 from ran_bench.data import build_loader, default_num_threads, find_classes
 from ran_bench.data.demo import make_demo
 from ran_bench.models import model_info
-from ran_bench.runtime import accelerate_precision, autocast, free_port
+from ran_bench.roofline import Roofline
+from ran_bench.runtime import accelerate_precision, autocast, device_name, free_port
 
 
 def _measure(step: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> Timing:
@@ -85,6 +89,17 @@ def _add_flops(record: BenchRecord, *, params: int, macs: int, device: torch.dev
     record.mfu = model_flops_utilization(record.tflops, record.peak_tflops)
 
 
+def _add_roofline(record: BenchRecord, device: torch.device) -> Roofline | None:
+    """The unfused roofline of the measured training step on this device, where the device has
+    data-sheet limits in ran_bench.roofline.DEVICES (blank with the reason elsewhere)."""
+    limit, record.roofline_source = training_roofline(
+        record.model, record.size, record.batch_size, device_type=device.type,
+        device_name=device_name(device) if device.type == "cuda" else "", precision=record.precision)
+    record.roofline_images_per_s = None if limit is None else limit.images_per_s
+    record.roofline_fraction = roofline_fraction(record.images_per_s, limit)
+    return limit
+
+
 def run_train(args: argparse.Namespace) -> BenchRecord:
     """The trainer's step: model-only rate, optionally end-to-end rate and overhead ratios."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,6 +112,8 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
             "without GPUs); launch with torchrun --nproc_per_node N")
     if args.overhead and world > 1:
         raise BenchError("--overhead compares single-process loops; run it without a launcher")
+    if args.profile and world > 1:
+        raise BenchError("--profile traces one process; run it without a launcher")
     device = accelerator.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -113,11 +130,12 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
                             channels_last=args.channels_last, device=device, num_classes=num_classes)
 
     reset_peak_memory(device)
-    timing = _measure(trainer_step_fn(accelerator, run_model, optimizer, criterion, endless(loader(None, "synthetic"))),
-                    args, device)
+    model_step = trainer_step_fn(accelerator, run_model, optimizer, criterion, endless(loader(None, "synthetic")))
+    timing = _measure(model_step, args, device)
     record = _base_record(args, mode="train", precision=args.precision, world_size=world, timing=timing,
                           backend="synthetic", device=device)
     _add_flops(record, params=params, macs=macs, device=device, given_peak=args.peak_tflops)
+    limit = _add_roofline(record, device)
 
     if args.data_root:
         classes = len(find_classes(args.data_root, "train"))
@@ -132,7 +150,11 @@ def run_train(args: argparse.Namespace) -> BenchRecord:
         record.end_to_end_fraction, record.limiter = loader_verdict(timing.images_per_s, e2e.images_per_s)
     if initial is not None:
         _measure_overhead(record, args, accelerator, initial, num_classes)
-    return fill_environment(record, device, command_line(args, world))
+    fill_environment(record, device, command_line(args, world))
+    if args.profile:  # after every timed region: the profiler's overhead is in none of them
+        trace = Path(args.out_dir) / f"{record_name(record)}.pt.trace.json"
+        print(format_profile(profile_steps(model_step, device=device, trace_path=trace), limit))
+    return record
 
 
 def _measure_overhead(record: BenchRecord, args: argparse.Namespace, accelerator: Accelerator,

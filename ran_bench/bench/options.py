@@ -26,6 +26,8 @@ def default_size(args: argparse.Namespace) -> int:
 def resolve_options(args: argparse.Namespace) -> None:
     """Check the flags of a measuring mode and fill in the defaults of --size and --precision
     (bf16 on CUDA, fp32 on CPU), so that every record and command line spells them out."""
+    if args.profile and args.mode != "train":
+        raise BenchError(f"--profile traces the training step: use it with bench train, not bench {args.mode}")
     if args.mode in ("train", "infer", "scaling") and not args.model:
         raise BenchError(f"bench {args.mode} needs --model NAME (see `ran-bench profile` for the names)")
     if args.model:

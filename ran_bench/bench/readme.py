@@ -79,6 +79,14 @@ def _timed(row: dict[str, str]) -> str:
     return f"{row['repeats']} x {row['steps']} batches, after {row['warmup']}"
 
 
+def _roofline_cell(row: dict[str, str]) -> str:
+    """Measured share of the unfused roofline, the roofline's images/s and the DEVICES entry it used."""
+    if not row["roofline_fraction"]:
+        return "–"
+    device = row["roofline_source"].split(":", 1)[0]
+    return f"{_f(row['roofline_fraction'], '{:.1%}')} of {_f(row['roofline_images_per_s'], '{:.0f}')} ({device})"
+
+
 def _timm_cell(row: dict[str, str]) -> str:
     if row["trainer_over_timm"]:
         return f"{_f(row['trainer_over_timm'], '{:.3f}')} ({row['timm_model'].rsplit('.', 1)[-1]})"
@@ -109,6 +117,23 @@ def _intro() -> list[str]:
         "",
         f"- Conventions: {FLOP_CONVENTION}. MFU against the bf16/fp16 dense peak of the device "
         "(given with `--peak-tflops`, or from a table of GPU data-sheet peaks; none for CPUs).",
+        "- MFU vs % of roofline. MFU = achieved FLOP/s over the device's dense peak: low for these networks "
+        "whatever the code does, because most ops of their step are memory-bound (they take longer to move "
+        "their bytes than to do their FLOPs). % of roofline = measured images/s over the unfused roofline's "
+        "images/s: batch / sum over the step's ops of max(FLOPs / peak, bytes / bandwidth), every op reading "
+        "its inputs from and writing its outputs to memory, counted by `ran_bench.roofline` for the row's "
+        "model, size and batch as a channels_last bf16 step on the data-sheet limits of the GPU (the "
+        "`ran_bench.roofline.DEVICES` entry in brackets): the yardstick for memory-bound networks. It is "
+        "computed, not measured, and a fused step (`--compile`) moves fewer bytes, so it can pass 100%. "
+        "Training rows on those GPUs only; CPU rows, fp32 rows and other GPUs have none. Rows measured "
+        "before the column existed got it from `ran-bench bench readme`, from their recorded model, size, "
+        "batch, precision and GPU (their roofline_source in results.csv says so). The limit by op kind and "
+        "the ops that move the most bytes: `ran-bench profile --roofline --models attention92 --device h100`.",
+        "- Where the time goes: `ran-bench bench train --model attention92 --batch-size 128 --precision bf16 "
+        "--channels-last --profile` traces 3 more steps after the timed ones with torch.profiler, writes "
+        "`<name>.pt.trace.json` into `--out-dir` (open it in https://ui.perfetto.dev or TensorBoard) and "
+        "prints the self time per step by the roofline's op kinds, on a GPU beside the roofline's time "
+        "of each kind.",
         "- images/s: median over repeats of one process (min–max over repeats in brackets); "
         "timed regions are bracketed by device synchronisation.",
         "- Peak memory: `GPU alloc` = torch.cuda.max_memory_allocated; `RSS` = the process's peak "
@@ -126,7 +151,8 @@ def _model_section(mode: str, rows: list[dict[str, str]]) -> list[str]:
     header = ["model", "size", "batch", "precision", "layout/compile", "images/s", "step ms",
               "peak memory", "GMACs/img", "TFLOP/s", "MFU"]
     if mode == "train":
-        header += ["end-to-end images/s (loader on images; limiter)", "train_step/bare", "train_step/timm"]
+        header += ["% of roofline (of images/s)", "end-to-end images/s (loader on images; limiter)",
+                   "train_step/bare", "train_step/timm"]
     table = []
     for r in rows:
         cells = _model_columns(r) + [
@@ -137,7 +163,7 @@ def _model_section(mode: str, rows: list[dict[str, str]]) -> list[str]:
                 f"{_f(r['end_to_end_images_per_s'])} ({r['end_to_end_backend']} on "
                 f"{_images(r['data_root'])}; {r['limiter']})")
             overhead = [_f(r["trainer_over_bare"], "{:.3f}"), _timm_cell(r)] if r["trainer_over_bare"] else ["–", "–"]
-            cells += [e2e, *overhead]
+            cells += [_roofline_cell(r), e2e, *overhead]
         table.append(cells + _environment(r))
     lines = markdown.table(header + ENVIRONMENT_HEADER, table)
     return lines + ["", OVERHEAD_NOTE] if mode == "train" else lines

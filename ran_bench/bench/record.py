@@ -1,7 +1,8 @@
 """One benchmark result (`BenchRecord`): the environment it was measured in, its JSON file and its
 row of results.csv. The JSON keys and the CSV columns are the fields of `BenchRecord`, in order.
-Older rows read a new field as empty; renaming or dropping one breaks the readers (the README,
-users' scripts), so it needs a new SCHEMA_VERSION and a migrated reports/bench/results.csv."""
+Older rows read a new field as empty (new fields go last, so column positions hold too); renaming
+or dropping one breaks the readers (the README, users' scripts), so it needs a new SCHEMA_VERSION
+and a migrated reports/bench/results.csv."""
 
 from __future__ import annotations
 
@@ -93,6 +94,11 @@ class BenchRecord:
     time_utc: str = ""
     command: str = ""
     schema_version: int = SCHEMA_VERSION
+    # Unfused roofline of the training step (train on a GPU of ran_bench.bench.flops.ROOFLINE_DEVICES):
+    # after schema_version, so that schema 1's columns keep their positions.
+    roofline_images_per_s: float | None = None  # a computed limit, not a measurement
+    roofline_fraction: float | None = None  # images_per_s / roofline_images_per_s
+    roofline_source: str | None = None  # the DEVICES entry used, or why there is no roofline
 
 
 CSV_FIELDS = [f.name for f in dataclasses.fields(BenchRecord)]
@@ -164,7 +170,8 @@ def write_json(records: Sequence[BenchRecord], json_path: Path) -> None:
         f.write(json.dumps(payload, indent=2) + "\n")
 
 
-def _csv_value(value: Any) -> str:
+def csv_value(value: Any) -> str:
+    """One field as results.csv writes it: "" for None, lists joined by spaces, floats to 6 significant digits."""
     if value is None:
         return ""
     if isinstance(value, list):
@@ -176,7 +183,7 @@ def _csv_value(value: Any) -> str:
 
 def csv_row(record: BenchRecord) -> dict[str, str]:
     """The record as a results.csv row: "" for None, floats to 6 significant digits."""
-    return {k: _csv_value(v) for k, v in dataclasses.asdict(record).items()}
+    return {k: csv_value(v) for k, v in dataclasses.asdict(record).items()}
 
 
 def append_csv(records: Sequence[BenchRecord], csv_path: Path) -> None:
