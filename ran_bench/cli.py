@@ -185,6 +185,8 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--val-per-class", type=int, default=30)
     p.add_argument("--min-side", type=int, default=80)
     p.add_argument("--max-side", type=int, default=160)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing images (default 1; the images are the same for any number)")
     p.add_argument("--odd-files", action="store_true",
                    help="also write a grayscale, a CMYK, a PNG-named-.JPEG, a truncated JPEG and a text "
                         "file into the first class of each split (for testing loaders and verify)")

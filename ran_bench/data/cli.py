@@ -50,7 +50,8 @@ def _verify(args) -> int:
 
 def _make_demo(args) -> int:
     counts = make_demo(args.out, seed=args.seed, num_classes=args.classes, train_per_class=args.train_per_class,
-                       val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side)
+                       val_per_class=args.val_per_class, min_side=args.min_side, max_side=args.max_side,
+                       workers=args.workers)
     if args.odd_files:
         for split in ("train", "val"):
             write_odd_files(Path(args.out) / split / CLASSES[0], seed=args.seed)

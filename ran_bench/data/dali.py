@@ -7,7 +7,17 @@ decode, resize the shorter side to `size`, centre crop (the identity for 32x32 i
 then takes a `size` x `size` window shifted by -4..4 pixels with black outside the image (= 4-pixel
 zero padding + random crop) and flips at random. Both normalise with the ImageNet mean/std in
 `crop_mirror_normalize`, in float32 or float16 (bfloat16 is converted from float32 on the device,
-DALI has no bfloat16 output), NCHW or NHWC (channels_last).
+DALI has no bfloat16 output), NCHW or NHWC (channels_last): with channels_last DALI writes NHWC and
+the batch is that buffer seen as a channels_last NCHW tensor, with no transpose.
+
+GPU decoding (`decoder_kwargs("mixed", batch_size)`): the share of JPEGs sent to the hardware
+decoder (`hw_decoder_load`, as NVIDIA's MLPerf ResNet-50 configs for H100 set it) and the memory
+pre-allocation hints production pipelines set: nvJPEG's per-thread device and host buffers sized
+for the largest ImageNet image (NVIDIA's DeepLearningExamples values), and the hardware decoder's
+batch pool sized for that image too (MLPerf's width/height hints), scaled down when the batch would
+make the pool larger than HW_POOL_BYTES. Without the hints nvJPEG reallocates as larger images
+arrive and GPU memory grows (DALI issues 486, 1434, 4295). These arguments apply to the `mixed`
+decoder only and are not passed to the CPU one.
 
 Sharding: the training reader gets the epoch's file list (`ran_bench.data.sampling`: the same
 order the torchvision backend reads) with `shard_id` = global rank and `num_shards` = world size,
@@ -81,6 +91,13 @@ RECOVERY_EVERY = 32
 # How DALI names the ops that parse image bytes in its error messages.
 IMAGE_OPS = ("nvidia.dali.fn.decoders.", "nvidia.dali.fn.peek_image_shape")
 
+# GPU (`mixed`) decoder settings, see the module docstring.
+HW_DECODER_LOAD = 0.99  # NVIDIA's MLPerf ResNet-50 on H100; DALI's default is 0.65
+DEVICE_MEMORY_PADDING = 211_025_920  # bytes per decoding thread, on the GPU
+HOST_MEMORY_PADDING = 140_544_512  # bytes per pinned host buffer (two per decoding thread)
+LARGEST_IMAGE = (5980, 6430)  # width, height hints: the largest ImageNet image (MLPerf's hints)
+HW_POOL_BYTES = 2 << 30  # cap of the hardware decoder's pool: batch x width x height x 3 bytes
+
 
 def _placeholder_jpeg(owner: object, size: int) -> str:
     """A flat mean-colour JPEG that stands in for an unreadable file, deleted with `owner`."""
@@ -108,23 +125,47 @@ def _checked(jpegs):
     return fn.reshape(jpegs, shape=jpegs.shape() + height * 0)
 
 
-def _decode(jpegs, *, train: bool, augmentation: str, device: str):
+def decoder_kwargs(device: str, batch_size: int) -> dict[str, int | float]:
+    """The decoder's tuning arguments for `device` "mixed" (GPU) or "cpu" (none: DALI documents
+    them as applying to the mixed backend only). The hardware decoder's size hints are the largest
+    ImageNet image, shrunk (same aspect ratio) so that `batch_size` such images fit HW_POOL_BYTES."""
+    if device == "cpu":
+        return {}
+    if device != "mixed":
+        raise ValueError(f"DALI decoders run on 'mixed' or 'cpu', not {device!r}")
+    width, height = LARGEST_IMAGE
+    scale = min(1.0, (HW_POOL_BYTES / (3 * max(batch_size, 1) * width * height)) ** 0.5)
+    return dict(hw_decoder_load=HW_DECODER_LOAD, device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING, preallocate_width_hint=int(width * scale),
+                preallocate_height_hint=int(height * scale))
+
+
+def _decode(jpegs, *, train: bool, augmentation: str, device: str, batch_size: int = 1):
     """The pipeline's decoder op on `_checked` bytes: a random-crop decoder for ImageNet
     training, a full decode otherwise. Shared with `find_undecodable`, which must test files with
     the same op."""
     from nvidia.dali import fn, types
 
+    tuning = decoder_kwargs(device, batch_size)
     if train and augmentation == "imagenet":
         return fn.decoders.image_random_crop(
             jpegs, device=device, output_type=types.RGB, random_area=list(SCALE),
-            random_aspect_ratio=list(RATIO), num_attempts=100)
-    return fn.decoders.image(jpegs, device=device, output_type=types.RGB)
+            random_aspect_ratio=list(RATIO), num_attempts=100, **tuning)
+    return fn.decoders.image(jpegs, device=device, output_type=types.RGB, **tuning)
 
 
-def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: int, batch_size: int,
-                    shard_id: int, num_shards: int, num_threads: int, seed: int, device_id: int | None,
-                    channels_last: bool, fp16: bool, augmentation: str = "imagenet",
-                    checkpoint: str | None = None):
+def output_layout(channels_last: bool) -> str:
+    """`crop_mirror_normalize`'s layout: HWC for a channels_last model (the NHWC batch is used as
+    is), else CHW."""
+    return "HWC" if channels_last else "CHW"
+
+
+def build_pipeline(files: list[str], labels: list[int], *, train: bool, size: int, batch_size: int,
+                   shard_id: int, num_shards: int, num_threads: int, seed: int, device_id: int | None,
+                   channels_last: bool, fp16: bool, augmentation: str = "imagenet",
+                   checkpoint: str | None = None):
+    """The built DALI pipeline of a loader: (images, labels) batches, decoded on GPU `device_id`
+    (`mixed`) or on the CPU (None), laid out as `output_layout(channels_last)`."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -134,7 +175,8 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
         jpegs, label = _read(files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                              stick_to_shard=True, pad_last_batch=not train, name=READER)
         # peek and reshape run on the CPU bytes in both cases; only the decoder is mixed
-        images = _decode(_checked(jpegs), train=train, augmentation=augmentation, device="mixed" if gpu else "cpu")
+        images = _decode(_checked(jpegs), train=train, augmentation=augmentation, device="mixed" if gpu else "cpu",
+                         batch_size=batch_size)
         mirror = fn.random.coin_flip(probability=0.5) if train else 0
         if augmentation == "cifar":
             images = fn.resize(images, resize_shorter=size, interp_type=types.INTERP_LINEAR, antialias=True)
@@ -152,7 +194,7 @@ def _build_pipeline(files: list[str], labels: list[int], *, train: bool, size: i
                                interp_type=types.INTERP_LINEAR, antialias=True)
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT16 if fp16 else types.FLOAT,
-            output_layout="HWC" if channels_last else "CHW", crop=(size, size),
+            output_layout=output_layout(channels_last), crop=(size, size),
             crop_pos_x=0.5, crop_pos_y=0.5, mean=list(MEAN_255), std=list(STD_255), mirror=mirror)
         if gpu:
             label = label.gpu()
@@ -267,6 +309,10 @@ class DaliLoader(LoaderBase):
         self.device_id = None
         if self.device.type == "cuda" and torch.cuda.is_available():
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        decoder = f"GPU {self.device_id} (mixed: {decoder_kwargs('mixed', batch_size)})" \
+            if self.device_id is not None else "CPU"
+        log.info("DALI %s %s loader: decoding on %s, %s output", dali_version(), split, decoder,
+                 output_layout(channels_last))
         self._checkpoint: str | None = None  # DALI checkpoint of a pending resume
         self._it = None  # the iterator of the current pass, asked for its checkpoint by state_dict
         self._placeholder: str | None = None
@@ -292,7 +338,7 @@ class DaliLoader(LoaderBase):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         files, labels, shard_id, num_shards, _ = self._reader_lists()
-        pipe = _build_pipeline(
+        pipe = build_pipeline(
             files, labels, train=self.train, size=self.size, batch_size=self.batch_size,
             shard_id=shard_id, num_shards=num_shards, num_threads=self.num_threads,
             seed=self._pipeline_seed(), device_id=self.device_id, channels_last=self.channels_last,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import colorsys
 import io
 import math
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,27 +100,44 @@ def demo_image(label: int, rng: np.random.Generator, min_side: int, max_side: in
     return img
 
 
+def _write_images(out: Path, split_no: int, split: str, label: int, first: int, stop: int, *, seed: int,
+                  min_side: int, max_side: int, quality: int) -> None:
+    """Images `first` to `stop - 1` of class `label` in `split`, each drawn from its own seed."""
+    d = out / split / CLASSES[label]
+    for i in range(first, stop):
+        rng = np.random.default_rng([seed, split_no, label, i])
+        buf = io.BytesIO()
+        demo_image(label, rng, min_side, max_side).save(buf, "JPEG", quality=quality)
+        (d / f"{split}_{CLASSES[label]}_{i:05d}.JPEG").write_bytes(buf.getvalue())
+
+
 def make_demo(out: str | Path, *, seed: int = 0, train_per_class: int = 100, val_per_class: int = 30,
               num_classes: int = len(CLASSES), min_side: int = 80, max_side: int = 160,
-              quality: int = 80) -> dict[str, int]:
+              quality: int = 80, workers: int = 1) -> dict[str, int]:
     """Write OUT/train/<class>/*.JPEG and OUT/val/<class>/*.JPEG; returns images per split.
-    Refuses to write into an existing non-empty OUT."""
+    Refuses to write into an existing non-empty OUT. `workers` processes write the same images
+    as one (ImageNet-sized sets take minutes on one core)."""
     out = Path(out)
     if not 1 <= num_classes <= len(CLASSES):
         raise InputError(f"--classes must be in 1..{len(CLASSES)}, got {num_classes}")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty; choose a new directory or delete it first")
-    counts = {}
+    counts, jobs = {}, []
     for split_no, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class))):
         for label in range(num_classes):
-            d = out / split / CLASSES[label]
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                rng = np.random.default_rng([seed, split_no, label, i])
-                buf = io.BytesIO()
-                demo_image(label, rng, min_side, max_side).save(buf, "JPEG", quality=quality)
-                (d / f"{split}_{CLASSES[label]}_{i:05d}.JPEG").write_bytes(buf.getvalue())
+            (out / split / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+            step = max(1, -(-per_class // workers))  # about `workers` jobs per class keep every process busy
+            jobs += [(split_no, split, label, i, min(i + step, per_class)) for i in range(0, per_class, step)]
         counts[split] = per_class * num_classes
+    write = partial(_write_images, out, seed=seed, min_side=min_side, max_side=max_side, quality=quality)
+    if workers == 1 or len(jobs) < 2:
+        for job in jobs:
+            write(*job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(write, *zip(*jobs)))
     return counts
 
 
