@@ -55,6 +55,26 @@ def visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, help="input crop size (default: the run's data.test_sizes[0])")
 
 
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run directory (its newest good checkpoint) or a checkpoint file")
+    parser.add_argument("out", metavar="OUT_DIR",
+                        help="new (or empty) folder: model.safetensors, config.json (timm's) and README.md (a model "
+                             "card from the run's results.json)")
+    parser.add_argument("--push-to-hub", metavar="REPO",
+                        help="then upload the folder to this Hugging Face Hub model repo (created if needed; "
+                             "needs a login: `hf auth login` or HF_TOKEN)")
+
+
+def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT",
+                        help="a run directory (its newest good checkpoint), a checkpoint file or an export folder")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--size", type=int, help="input crop size (default: the run's data.test_sizes[0])")
+    parser.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+
+
 def submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML training config, e.g. configs/attention92.yaml")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
@@ -213,6 +233,9 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
     "eval": ("ran_bench.evaluate", "single-crop top-1/top-5 error of a run or checkpoint", eval_arguments),
     "report": ("ran_bench.report", "markdown report of runs beside the paper's tables", report_arguments),
     "visualize": ("ran_bench.visualize", "soft attention masks of each stage over an image", visualize_arguments),
+    "export": ("ran_bench.export", "a run's model as a timm / Hugging Face Hub folder with a model card",
+               export_arguments),
+    "predict": ("ran_bench.predict", "top-5 classes of images with a run's or an export's model", predict_arguments),
     "submit": ("ran_bench.submit", "submit a training run to SLURM with submitit", submit_arguments),
     "bench": ("ran_bench.bench.command", "throughput, MFU, scaling and overhead benchmarks", bench_arguments),
 }

@@ -23,7 +23,7 @@ from accelerate import Accelerator, PartialState
 from torchmetrics.classification import MulticlassAccuracy
 
 from ran_bench import metrics
-from ran_bench.checkpoint import Checkpoint, checkpoint_path, find_checkpoint
+from ran_bench.checkpoint import Checkpoint, checkpoint_path
 from ran_bench.config import Config, config_from_yaml
 from ran_bench.data import build_loader
 from ran_bench.errors import StorageError
@@ -31,6 +31,7 @@ from ran_bench.fileio import write_json_atomic
 from ran_bench.models import create_model
 from ran_bench.results import Evaluation, ResultsError, load_results, run_results
 from ran_bench.runtime import accelerate_precision, device_name, resolve_backend, resolve_precision
+from ran_bench.weights import ExportedModel, find_weights
 
 
 @torch.no_grad()
@@ -94,8 +95,10 @@ def main(args: argparse.Namespace) -> int:
     RUN_DIR/evals/step_XXXXXXXX.json and never replaces the record of the run's later steps. An
     evaluation on other data than the run's (overrides of data.root, data.name or
     data.augmentation) goes to RUN_DIR/evals/<data folder>-<hash>/step_XXXXXXXX.json and nowhere
-    else. A run directory that cannot be written gets the result printed, then a StorageError."""
-    ckpt_path, ckpt, run_dir = find_checkpoint(args.path, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    else. A run directory that cannot be written gets the result printed, then a StorageError. An
+    export folder (`ran-bench export`) is evaluated with the run's config it holds (and the
+    overrides, e.g. data.root); its result is printed only."""
+    ckpt_path, ckpt, run_dir = find_weights(args.path, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     cfg = config_from_yaml(ckpt.config, f"{ckpt_path} (embedded config)", args.overrides)
     cpu = not torch.cuda.is_available()  # see ran_bench.train: CPU processes as MULTI_CPU (gloo)
     precision = resolve_precision(cfg.precision.name, PartialState(cpu=cpu).device.type)
@@ -126,8 +129,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(cfg: Config, ckpt: Checkpoint, device: torch.device) -> nn.Module:
-    """The checkpoint's model on `device`, built as the run built it."""
+def _model(cfg: Config, ckpt: Checkpoint | ExportedModel, device: torch.device) -> nn.Module:
+    """The checkpoint's (or export's) model on `device`, built as the run built it."""
     model = create_model(cfg.model.name, num_classes=ckpt.num_classes, **cfg.model.options)
     model.load_state_dict(ckpt.model)
     model.to(device)

@@ -28,8 +28,8 @@ from torchvision.transforms import functional as TF
 
 from ran_bench.checkpoint import find_checkpoint
 from ran_bench.config import Config, config_from_yaml, load_config
-from ran_bench.data import MEAN_255, STD_255, find_classes
-from ran_bench.data.torchvision_loader import val_geometry
+from ran_bench.data import find_classes
+from ran_bench.data.torchvision_loader import normalize, val_crop
 from ran_bench.errors import UserError
 from ran_bench.models import create_model
 
@@ -101,12 +101,8 @@ def preprocess(path: str | Path, size: int, augmentation: str = "imagenet") -> t
             img = im.convert("RGB")
     except (OSError, ValueError) as e:
         raise VisualizeError(f"--image {path}: cannot read the image ({e})") from None
-    rh, rw, top, left = val_geometry(img.height, img.width, size, short=size if augmentation == "cifar" else None)
-    img = TF.crop(TF.resize(img, [rh, rw], interpolation=TF.InterpolationMode.BILINEAR), top, left, size, size)
-    crop = TF.pil_to_tensor(img)
-    mean = torch.tensor(MEAN_255).view(3, 1, 1)
-    std = torch.tensor(STD_255).view(3, 1, 1)
-    return crop.permute(1, 2, 0).numpy(), ((crop.float() - mean) / std).unsqueeze(0)
+    crop = TF.pil_to_tensor(val_crop(img, size, augmentation))
+    return crop.permute(1, 2, 0).numpy(), normalize(crop).unsqueeze(0)
 
 
 def plot_masks(crop: np.ndarray, masks: list[Mask], path: str | Path, title: str = "") -> list[str]:

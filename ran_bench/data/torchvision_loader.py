@@ -66,6 +66,21 @@ def val_geometry(height: int, width: int, size: int, short: int | None = None) -
     return rh, rw, int((rh - size) * 0.5 + 0.5), int((rw - size) * 0.5 + 0.5)
 
 
+def val_crop(img: Image.Image, size: int, augmentation: str = "imagenet") -> Image.Image:
+    """The validation transform: the shorter side to size / 0.875 (to `size` for the CIFAR recipe,
+    which tests the native image), bilinear, and a centre `size` x `size` crop."""
+    rh, rw, top, left = val_geometry(img.height, img.width, size, short=size if augmentation == "cifar" else None)
+    img = F.resize(img, [rh, rw], interpolation=F.InterpolationMode.BILINEAR)  # PIL: no-op at rh x rw
+    return F.crop(img, top, left, size, size)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (3xHxW or Nx3xHxW) to float32 normalised by the ImageNet mean/std, what the loaders yield."""
+    mean = torch.tensor(MEAN_255, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD_255, device=images.device).view(3, 1, 1)
+    return images.float().sub_(mean).div_(std)
+
+
 def _aug_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (1 << 63)
 
@@ -93,32 +108,22 @@ class ImageFiles(Dataset):
 
     def _transform(self, img: Image.Image, aug_seed: int) -> torch.Tensor:
         size = self.size
-        if self.cifar:
-            rh, rw, top, left = val_geometry(img.height, img.width, size, short=size)
-            img = F.resize(img, [rh, rw], interpolation=F.InterpolationMode.BILINEAR)  # PIL: no-op at rh x rw
-            img = F.crop(img, top, left, size, size)
-            if self.train:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(aug_seed)
-                    dy, dx = torch.randint(0, 2 * CIFAR_PAD + 1, (2,)).tolist()
-                    flip = bool(torch.rand(1) < 0.5)
-                # = pad CIFAR_PAD zeros on every side, then crop at (dy, dx): F.crop pads with 0
-                img = F.crop(img, dy - CIFAR_PAD, dx - CIFAR_PAD, size, size)
-                if flip:
-                    img = F.hflip(img)
-        elif self.train:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(aug_seed)
+        if not self.train:
+            return F.pil_to_tensor(val_crop(img, size, "cifar" if self.cifar else "imagenet"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(aug_seed)
+            if self.cifar:
+                dy, dx = torch.randint(0, 2 * CIFAR_PAD + 1, (2,)).tolist()
+            else:
                 top, left, h, w = RandomResizedCrop.get_params(img, SCALE, RATIO)
-                flip = bool(torch.rand(1) < 0.5)
-            img = F.resized_crop(img, top, left, h, w, [size, size],
-                                 interpolation=F.InterpolationMode.BILINEAR)
-            if flip:
-                img = F.hflip(img)
+            flip = bool(torch.rand(1) < 0.5)
+        if self.cifar:
+            # the native image, then = pad CIFAR_PAD zeros on every side and crop at (dy, dx): F.crop pads with 0
+            img = F.crop(val_crop(img, size, "cifar"), dy - CIFAR_PAD, dx - CIFAR_PAD, size, size)
         else:
-            rh, rw, top, left = val_geometry(img.height, img.width, size)
-            img = F.resize(img, [rh, rw], interpolation=F.InterpolationMode.BILINEAR)
-            img = F.crop(img, top, left, size, size)
+            img = F.resized_crop(img, top, left, h, w, [size, size], interpolation=F.InterpolationMode.BILINEAR)
+        if flip:
+            img = F.hflip(img)
         return F.pil_to_tensor(img)
 
     def __getitem__(self, key: tuple[int, int]):
