@@ -131,10 +131,34 @@ class EvalConfig:
     batch_size: int = 100  # per device
 
 
+# log.trackers: the experiment trackers Accelerate knows (accelerate.utils.LoggerType, less "all", which
+# would pick whatever happens to be installed), each with the modules that provide it and its pip package.
+TRACKERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow-skinny"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "aim": (("aim",), "'aim<4'"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
 @dataclass
 class LogConfig:
-    every_steps: int = 50  # a metrics.jsonl line and a TensorBoard point every this many steps
-    tensorboard: bool = False  # needs the `tensorboard` package
+    every_steps: int = 50  # a metrics.jsonl line and a point in each tracker every this many steps
+    trackers: list[str] = field(default_factory=list)  # names of TRACKERS, e.g. [tensorboard, mlflow]
+    project: str = "ran-bench"  # the trackers' project (MLflow experiment, W&B project, TensorBoard folder)
+    tensorboard: bool = False  # the old spelling of trackers: [tensorboard], still read
+
+    def __post_init__(self) -> None:
+        # Configs and run directories of earlier versions say `tensorboard: true`; they keep working.
+        if self.tensorboard:
+            if "tensorboard" not in self.trackers:
+                self.trackers = [*self.trackers, "tensorboard"]
+            self.tensorboard = False
 
 
 @dataclass
@@ -295,6 +319,11 @@ def validate(cfg: Config, where: str = "config", world_size: int | None = None) 
         fail(f"data.label_noise is a fraction in [0, 1), got {cfg.data.label_noise}")
     if cfg.data.augmentation not in AUGMENTATIONS:
         fail(f"data.augmentation: unknown value {cfg.data.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    unknown = [name for name in cfg.log.trackers if name not in TRACKERS]
+    if unknown:
+        fail(f"log.trackers: unknown tracker {', '.join(map(repr, unknown))}; choose from {', '.join(TRACKERS)}")
+    if not cfg.log.project.strip():
+        fail("log.project must not be empty (it names the trackers' project, e.g. ran-bench)")
     if cfg.data.backend is Backend.synthetic and cfg.data.num_classes is None:
         fail("data.num_classes must be set for the synthetic backend")
     if world_size is not None:

@@ -222,9 +222,9 @@ def _log_window(job: Job, progress: Progress, lr: float, bar) -> None:
                             data_wait_s=progress.data_wait, time=progress.elapsed_before + now - progress.t_begin)
     if job.main_process:
         metrics.append(job.run_dir, [row])
-    if job.cfg.log.tensorboard:
-        job.accelerator.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": row["images_per_s"]},
-                            step=progress.step)
+    # The row's numbers at its step, to each of log.trackers (Accelerate logs on the main process only).
+    job.accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"], "train/images_per_s": row["images_per_s"]},
+                        step=row["step"])
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{row['images_per_s']:.0f}", refresh=False)
     progress.loss_sum.zero_()
     progress.micro_batches = 0
@@ -287,13 +287,13 @@ def run_evaluation(job: Job, progress: Progress) -> list[dict]:
         result.update(size=size, step=progress.step, seconds=time.perf_counter() - t0)
         log.info("step %d, eval at %d px: top-1 err %.2f%%, top-5 err %.2f%% over %d images",
                  progress.step, size, result["top1_err"], result["top5_err"], result["num_samples"])
+        row = metrics.eval_row(step=progress.step, size=size, top1_err=result["top1_err"],
+                               top5_err=result["top5_err"], num_samples=result["num_samples"])
         if job.main_process:
-            metrics.append(job.run_dir, [metrics.eval_row(step=progress.step, size=size, top1_err=result["top1_err"],
-                                                          top5_err=result["top5_err"],
-                                                          num_samples=result["num_samples"])])
-        if job.cfg.log.tensorboard:
-            job.accelerator.log({f"eval/top1_err_{size}": result["top1_err"],
-                                 f"eval/top5_err_{size}": result["top5_err"]}, step=progress.step)
+            metrics.append(job.run_dir, [row])
+        # The row's numbers at its step, to each of log.trackers (Accelerate logs on the main process only).
+        job.accelerator.log({f"eval/top1_err_{size}": row["top1_err"], f"eval/top5_err_{size}": row["top5_err"]},
+                            step=row["step"])
         out.append(result)
     return out
 

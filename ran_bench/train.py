@@ -16,20 +16,17 @@ checkpoint and exit with REQUEUE_EXIT_CODE. Starting the same command again resu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
-from omegaconf import OmegaConf
 
-from ran_bench import metrics
+from ran_bench import metrics, trackers
 from ran_bench.checkpoint import Checkpoint, load_checkpoint, load_latest, set_rng_state
 from ran_bench.config import (
     Config,
@@ -134,6 +131,7 @@ def run_dir_of(args: argparse.Namespace) -> Path | None:
 def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     """Accelerate for this process: DDP over the launched processes, the run's precision and the
     gradient accumulation that keeps the global batch."""
+    trackers.check_installed(cfg.log.trackers)  # before torch.distributed starts and set-up builds anything
     # cpu=True without CUDA: Accelerate then runs several CPU processes as MULTI_CPU (gloo) instead
     # of treating each as an independent single process.
     cpu = not torch.cuda.is_available()
@@ -143,12 +141,12 @@ def build_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
         # A run's input sizes are fixed, so cuDNN's autotuner pays off after the first batches; the
         # benchmarks (`ran-bench bench`) time with it on, and the trainer must run what they measure.
         torch.backends.cudnn.benchmark = True
-    if cfg.log.tensorboard and not _tensorboard_installed():
-        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install 'ran-bench[tensorboard]' "
-                          "(or set log.tensorboard=false)")
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=gradient_accumulation_steps(cfg, state.num_processes),
-                       mixed_precision=accelerate_precision(precision),
-                       log_with="tensorboard" if cfg.log.tensorboard else None, project_dir=str(run_dir))
+    accelerator = Accelerator(
+        cpu=cpu, gradient_accumulation_steps=gradient_accumulation_steps(cfg, state.num_processes),
+        mixed_precision=accelerate_precision(precision), log_with=list(cfg.log.trackers) or None,
+        project_config=trackers.project_config(run_dir))
+    trackers.check_accepted(accelerator, cfg.log.trackers)
+    return accelerator
 
 
 def set_up(cfg: Config, run_dir: Path, accelerator: Accelerator) -> Job:
@@ -291,8 +289,7 @@ def start_records(job: Job, progress: Progress) -> None:
     if job.main_process:
         _write_config(job.run_dir, job.cfg)
         metrics.truncate(job.run_dir, progress.step)
-    if job.cfg.log.tensorboard:
-        job.accelerator.init_trackers("tensorboard", config=_flat_hparams(job.cfg))
+        trackers.start(job.accelerator, job.cfg, job.run_dir)
 
 
 def _write_config(run_dir: Path, cfg: Config) -> None:
@@ -310,29 +307,7 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def shutdown(job: Job) -> None:
-    if job.cfg.log.tensorboard:
-        job.accelerator.end_training()
     job.accelerator.wait_for_everyone()
+    job.accelerator.end_training()  # ends the trackers' runs, then torch.distributed (so after the barrier)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-# -- small helpers ----------------------------------------------------------------------------
-def _tensorboard_installed() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def _flat_hparams(cfg: Config) -> dict[str, Any]:
-    def flat(prefix: str, node) -> dict[str, Any]:
-        out = {}
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                out.update(flat(name + ".", value))
-            else:
-                out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-        return out
-
-    return flat("", OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
-
-
