@@ -43,6 +43,9 @@ def report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories written by `ran-bench train` (results.json, config.yaml, metrics.jsonl)")
     parser.add_argument("-o", "--output", default="reports/imagenet.md",
                         help="markdown file to write; plots go next to it (default: %(default)s)")
+    parser.add_argument("--bench-csv", type=Path,
+                        help="the results.csv whose `bench train` rows price each Table 7 row (default: "
+                             "$RAN_BENCH_RESULTS_CSV, else reports/bench/results.csv of this checkout)")
 
 
 def visualize_arguments(parser: argparse.ArgumentParser) -> None:

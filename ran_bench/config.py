@@ -231,6 +231,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return _build(node, str(path), overrides)
 
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def recipe(name: str) -> Config | None:
+    """The training recipe of model `name`, configs/<name>.yaml; None where it has none."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    return load_config(path) if path.is_file() else None
+
+
 def config_from_yaml(text: str, where: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Like `load_config`, from YAML text (the config embedded in a checkpoint)."""
     return _build(OmegaConf.create(text), where, overrides)

@@ -14,7 +14,6 @@ import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -23,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from ran_bench.config import Config, OptimConfig, load_config
+from ran_bench.config import OptimConfig, load_config, recipe
 from ran_bench.errors import InputError
 from ran_bench.models import create_model, model_info
 from ran_bench.recipe import build_criterion, build_optimizer
@@ -273,15 +272,6 @@ def count_step(model: nn.Module, size: int, batch: int, criterion: nn.Module | N
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return counter.ops
-
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def recipe(name: str) -> Config | None:
-    """The training recipe of model `name`, configs/<name>.yaml; None where it has none."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    return load_config(path) if path.is_file() else None
 
 
 @lru_cache(maxsize=32)

@@ -27,6 +27,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from ran_bench import metrics, trackers
+from ran_bench.bench.rates import schedule_cost_line
+from ran_bench.bench.record import device_description
 from ran_bench.checkpoint import Checkpoint, load_checkpoint, load_latest, set_rng_state
 from ran_bench.config import (
     Config,
@@ -156,6 +158,11 @@ def set_up(cfg: Config, run_dir: Path, accelerator: Accelerator) -> Job:
     log.info("run directory %s; %d process(es) on %s; global batch %d = %d x %d per device x %d accumulation; "
              "precision %s", run_dir, world_size, device, cfg.optim.global_batch_size, world_size,
              cfg.optim.per_device_batch_size, accelerator.gradient_accumulation_steps, precision)
+    if accelerator.is_main_process:  # a figure only where the bench results.csv has a row of this device
+        cost = schedule_cost_line(cfg.model.name, cfg.data.train_size, precision, device_description(device),
+                                  cfg.stop_step * cfg.optim.global_batch_size, world_size)
+        if cost is not None:
+            log.info(cost)
     num_classes = cfg.data.num_classes if cfg.data.num_classes is not None else len(find_classes(cfg.data.root))
     labels, label_noise = noisy_labels(cfg, num_classes)
     loader_args = dict(backend=resolve_backend(cfg.data.backend.name, device), rank=accelerator.process_index,

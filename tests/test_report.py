@@ -82,7 +82,8 @@ def imagenet_report(tmp_path_factory):
              steps=100_000, images_seen=100_000 * 256, world_size=4, gpu_hours=40.0,
              evaluations=[(224, 25.0, 8.0), (320, 23.1, 6.9)], metrics=training_log(50, 320))
     out = root / "out" / "imagenet.md"
-    assert report.main(argparse.Namespace(run_dirs=[root / "ran56", root / "ran92_partial"], output=out)) == 0
+    assert report.main(argparse.Namespace(run_dirs=[root / "ran56", root / "ran92_partial"], output=out,
+                                           bench_csv=None)) == 0
     return out, out.read_text()
 
 

@@ -13,9 +13,14 @@ augmentation (`data.augmentation: cifar`).
 
 Plots are PNG files written next to the markdown and linked with relative paths.
 
+A "to reproduce" table gives, for every Table 7 row, the paper's schedule in images and what it
+costs (hours on one device, wall time on 8 and 32) by the `bench train` rows of results.csv
+(`--bench-csv`, else `ran_bench.bench.rates.results_csv()`), naming the row each figure comes
+from; "not measured" where none exists.
+
 This module assembles the report; its parts are `runs` (reading run directories), `cells`
-(formatting table cells), `tables` (Table 7, other runs, provenance, throughput), `cifar` (the
-CIFAR tables) and `plots`.
+(formatting table cells), `tables` (Table 7, other runs, provenance, throughput), `cost` (the "to
+reproduce" table), `cifar` (the CIFAR tables) and `plots`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ran_bench.bench.rates import read_rows, results_csv
+from ran_bench.fileio import REPO
+from ran_bench.report import cost
 from ran_bench.report.cifar import CIFAR_RECIPE, Section, cifar_sections, section_table
 from ran_bench.report.plots import plot_table7, plot_training
 from ran_bench.report.runs import ReportError, Run, load_run, unique_labels
@@ -33,8 +41,10 @@ from ran_bench.report.tables import THROUGHPUT_DEFINITIONS, other_runs, provenan
 __all__ = ["ReportError", "Run", "cifar_sections", "load_run", "main", "write_report"]
 
 
-def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -> Path:
-    """Write the markdown report of `run_dirs` to `output` and its PNG plots next to it."""
+def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike,
+                 bench_csv: str | os.PathLike | None = None) -> Path:
+    """Write the markdown report of `run_dirs` to `output` and its PNG plots next to it; the cost
+    of each Table 7 row comes from `bench_csv` (default: `ran_bench.bench.rates.results_csv()`)."""
     runs = [load_run(d) for d in run_dirs]
     unique_labels(runs)
     output = Path(output)
@@ -50,6 +60,7 @@ def write_report(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -
     lines += [f"Runs: {len(matched7)} compared with a Table 7 row, {len(in_cifar)} with a CIFAR table row, "
               f"{len(others)} match no paper row (listed under other runs, not compared with the paper).", ""]
     lines += _table7_section(table7_lines, matched7, output)
+    lines += _cost_section(bench_csv)
     lines += _cifar_section(sections)
     if others:
         lines += ["## Other runs", "",
@@ -87,6 +98,15 @@ def _table7_section(table: list[str], matched: list[tuple[dict, Run]], output: P
             "Blue: the paper's Table 7 (rows with published params and FLOPs); orange crosses: "
             "measured runs, joined to their paper point by a dashed line and labelled like their "
             "table cell (partial, share of the paper's schedule).", ""]
+
+
+def _cost_section(bench_csv: str | os.PathLike | None) -> list[str]:
+    """What each Table 7 row costs to reproduce, from the recorded `bench train` rows."""
+    path = Path(bench_csv) if bench_csv is not None else results_csv()
+    rows, problem = read_rows(path)
+    shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path  # no home paths
+    return ["## To reproduce: what each Table 7 row costs", "", cost.note(rows, problem, shown), "",
+            *cost.table(rows, problem), ""]
 
 
 def _cifar_section(sections: list[tuple[Section, list[str], list[Run]]]) -> list[str]:
@@ -127,6 +147,6 @@ def _curves_section(runs: list[Run], output: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = write_report(args.run_dirs, args.output)  # bad runs raise UserErrors: exit 2 with the message
+    path = write_report(args.run_dirs, args.output, args.bench_csv)  # bad runs raise UserErrors: exit 2
     print(f"wrote {path} and its plots in {path.parent}")
     return 0
